@@ -1,0 +1,36 @@
+# agvm: every set-up step is here, so a fresh clone needs only `make demo` or `make test`.
+#   make install    create .venv, install pinned requirements, detectron2, and agvm (idempotent)
+#   make test       install if needed, then the fast test suite (~minutes on 2 CPU cores)
+#   make test-slow  the long tests (marked `slow`)
+#   make demo       install if needed, then train + evaluate the mini Faster R-CNN on CPU
+#   make clean      remove .venv and output/
+
+PYTHON3 ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.agvm-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow demo clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml scripts/install_detectron2.sh
+	@test -x $(PY) || $(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	PYTHON=$(PY) scripts/install_detectron2.sh
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+	@echo "agvm installed in $(VENV)"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+demo: install
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) output

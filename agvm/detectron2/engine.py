@@ -1,0 +1,111 @@
+"""Command-line and evaluation helpers shared by every ``projects/<table>/train_net.py``.
+
+Each project's ``train_net.py`` stays thin (detectron2's convention: a Trainer subclass,
+``setup()``, ``main()``, ``launch(...)``); what they have in common lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import default_argument_parser as _d2_argument_parser
+from detectron2.engine import default_setup
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+from ..data.register import prepare_datasets, register_shapes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_evaluator", "default_argument_parser", "print_results", "setup_cfg"]
+
+
+def default_argument_parser(epilog: Optional[str] = None):
+    """detectron2's argument parser (``--config-file``, ``--num-gpus``, ``--eval-only``,
+    ``--resume``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing
+    ``KEY VALUE`` overrides)."""
+    return _d2_argument_parser(epilog)
+
+
+def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> CfgNode:
+    """Build, freeze and return the config of a run, and set up logging and the output folder.
+
+    Steps: detectron2 defaults, then each ``config_adders`` function (e.g. ``add_agvm_config``),
+    then ``args.config_file`` and ``args.opts``. When the config asks for CUDA and no GPU is
+    present, ``MODEL.DEVICE`` falls back to ``"cpu"`` with a warning, so every config runs on a
+    CPU-only machine. Registers the embedded ``shapes_*`` datasets. ``args`` is the namespace of
+    :func:`default_argument_parser`.
+    """
+    register_shapes()
+    cfg = get_cfg()
+    for add in config_adders:
+        add(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts or [])
+    fell_back = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
+    if fell_back:
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    if fell_back:
+        logging.getLogger("agvm").warning("No CUDA device found: running on CPU (MODEL.DEVICE cpu).")
+    return cfg
+
+
+def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """The evaluator(s) for ``dataset_name``, chosen by its metadata's ``evaluator_type``.
+
+    ``coco`` → COCO box (and mask/keypoint, as the model predicts) AP; ``sem_seg`` → mIoU;
+    ``coco_panoptic_seg`` → PQ, plus COCO AP and mIoU of its instance and semantic parts.
+    Results go to ``output_folder`` (default ``<OUTPUT_DIR>/inference``).
+    """
+    prepare_datasets([dataset_name])
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    evaluators = []
+    if evaluator_type in ("sem_seg", "coco_panoptic_seg"):
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if evaluator_type in ("coco", "coco_panoptic_seg"):
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if evaluator_type == "coco_panoptic_seg":
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if not evaluators:
+        raise ValueError(
+            f"no evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r}; "
+            "known types: 'coco', 'sem_seg', 'coco_panoptic_seg'"
+        )
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def print_results(results: Mapping, metrics=("AP", "mIoU", "PQ")) -> str:
+    """Print (and return) one line per task with its headline metric, e.g. ``bbox AP = 41.2``.
+
+    ``results`` is what ``DefaultTrainer.test`` returns: ``{task: {metric: value}}``, possibly
+    nested one level deeper per dataset.
+    """
+    if results and all(isinstance(v, Mapping) and all(isinstance(x, Mapping) for x in v.values()) for v in results.values()):
+        flat = OrderedDict()
+        for per_dataset in results.values():
+            flat.update(per_dataset)
+        results = flat
+    lines = []
+    for task, values in results.items():
+        for metric in metrics:
+            if isinstance(values, Mapping) and metric in values:
+                lines.append(f"{task} {metric} = {values[metric]:.2f}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
