@@ -14,6 +14,9 @@ fixes exactly those points, each only when the installed detectron2 needs it:
 ``pkg-resources``
     modules that ``import pkg_resources`` get a minimal stand-in (``resource_filename``) while
     they are executed, when setuptools no longer provides it; nothing else sees the stand-in.
+``groupnorm-probe``
+    0.6's RetinaNet/FCOS head probes the norm type with ``get_norm(norm, 1)``, which today's
+    ``nn.GroupNorm`` rejects (1 channel, 32 groups); the probe gets a valid channel count.
 ``missing-cpp-ops``
     ``detectron2._C`` becomes a placeholder whose attributes raise :class:`MissingCppOpError`
     (an ``AttributeError``) naming the op and the remedy; the fast COCO evaluation falls back
@@ -43,6 +46,7 @@ _NP_ALIASES = {"int": int, "float": float, "str": str, "bool": bool, "object": o
 _NP_ALIAS_RE = re.compile(r"\bnp\.(int|float|str|bool|object)\b(?![\w(])")
 _PIL_LINEAR_RE = re.compile(r"\bImage\.LINEAR\b")
 _PKG_RESOURCES_RE = re.compile(r"^\s*import pkg_resources\b", re.M)
+_NORM_PROBE_RE = re.compile(r"\bget_norm\(norm, 1\)")
 
 # detectron2._C functions -> the op a user would recognise
 _CPP_OPS = {
@@ -128,6 +132,18 @@ class _PkgResourcesStandIn(types.ModuleType):
         return os.path.join(list(spec.submodule_search_locations)[0], resource)
 
 
+def _norm_probe_safe(get_norm):
+    """``get_norm`` that answers a 1-channel type probe with a 32-channel layer of that type."""
+
+    def get_norm_compat(norm, out_channels):
+        if out_channels == 1:
+            out_channels = 32
+        return get_norm(norm, out_channels)
+
+    get_norm_compat.__wrapped__ = get_norm
+    return get_norm_compat
+
+
 # --------------------------------------------------------------------------------------------
 # feature detection
 # --------------------------------------------------------------------------------------------
@@ -147,6 +163,16 @@ def _pkg_resources_missing() -> bool:
     if "pkg_resources" in sys.modules:
         return False
     return importlib.util.find_spec("pkg_resources") is None
+
+
+def _groupnorm_rejects_one_channel() -> bool:
+    import torch
+
+    try:
+        torch.nn.GroupNorm(32, 1)
+    except ValueError:
+        return True
+    return False
 
 
 def _cpp_ops_missing(package: str) -> bool:
@@ -173,6 +199,8 @@ def needed_patches(package: str = "detectron2") -> List[str]:
         needed.append("pillow-linear")
     if _pkg_resources_missing():
         needed.append("pkg-resources")
+    if _groupnorm_rejects_one_channel():
+        needed.append("groupnorm-probe")
     if _cpp_ops_missing(package):
         needed.append("missing-cpp-ops")
     return needed
@@ -217,6 +245,10 @@ class _PatchingLoader(importlib.abc.Loader):
             np_module = module.__dict__.get("np")
             if isinstance(np_module, types.ModuleType) and np_module.__name__ == "numpy":
                 module.np = _NumpyWithAliases(np_module)
+        if "groupnorm-probe" in self._patches and _NORM_PROBE_RE.search(source):
+            get_norm = module.__dict__.get("get_norm")
+            if callable(get_norm):
+                module.get_norm = _norm_probe_safe(get_norm)
         if "missing-cpp-ops" in self._patches and name == f"{self._package}.evaluation.fast_eval_api":
             from pycocotools.cocoeval import COCOeval
 

@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import agvm  # noqa: F401  (applies compat to the installed detectron2)
@@ -29,6 +30,10 @@ def test_patch_list_matches_environment():
         expected.append("pillow-linear")
     if importlib.util.find_spec("pkg_resources") is None:
         expected.append("pkg-resources")
+    try:
+        torch.nn.GroupNorm(32, 1)
+    except ValueError:
+        expected.append("groupnorm-probe")
     import detectron2
 
     d2_dir = detectron2.__path__[0]
@@ -162,6 +167,13 @@ FAKE_SOURCES = {
         class COCOeval_opt(COCOeval):
             pass
         """,
+    "uses_norm.py": """
+        import torch
+        def get_norm(norm, out_channels):
+            return torch.nn.GroupNorm(32, out_channels)
+        def probe(norm):
+            return type(get_norm(norm, 1))
+        """,
     "untouched.py": """
         import numpy as np
         def f():
@@ -198,6 +210,12 @@ def _pretend_nothing_missing(monkeypatch, pkg_dir):
     stand_in = types.ModuleType("pkg_resources")
     stand_in.resource_filename = lambda pkg, res: f"/real/{pkg}/{res}"
     monkeypatch.setitem(sys.modules, "pkg_resources", stand_in)
+    real_init = torch.nn.GroupNorm.__init__
+
+    def lenient_init(self, num_groups, num_channels, *args, **kwargs):  # an old torch
+        real_init(self, 1 if num_channels % num_groups else num_groups, num_channels, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.GroupNorm, "__init__", lenient_init)
     (pkg_dir / "_C.py").write_text("def box_iou_rotated(a, b):\n    return 'real op'\n")
 
 
@@ -211,6 +229,10 @@ def test_fake_package_gets_every_patch(fake_package):
         expected.add("pillow-linear")
     if importlib.util.find_spec("pkg_resources") is None:
         expected.add("pkg-resources")
+    try:
+        torch.nn.GroupNorm(32, 1)
+    except ValueError:
+        expected.add("groupnorm-probe")
     assert set(patches) == expected
 
     uses_np = importlib.import_module(f"{name}.uses_np")
@@ -233,6 +255,10 @@ def test_fake_package_gets_every_patch(fake_package):
 
     assert fast.COCOeval_opt is COCOeval
 
+    uses_norm = importlib.import_module(f"{name}.uses_norm")
+    assert uses_norm.probe("GN") is torch.nn.GroupNorm
+    assert uses_norm.get_norm("GN", 64).num_channels == 64
+
 
 def test_fake_package_without_needs_is_untouched(fake_package, monkeypatch):
     name, pkg_dir = fake_package
@@ -248,6 +274,8 @@ def test_fake_package_without_needs_is_untouched(fake_package, monkeypatch):
     assert uses_pkg.where() == f"/real/{name}/configs/x.yaml"
     fast = importlib.import_module(f"{name}.evaluation.fast_eval_api")
     assert fast.COCOeval_opt.__name__ == "COCOeval_opt"
+    uses_norm = importlib.import_module(f"{name}.uses_norm")
+    assert not hasattr(uses_norm.get_norm, "__wrapped__")
 
 
 def test_apply_is_idempotent(fake_package):
