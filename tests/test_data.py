@@ -126,7 +126,8 @@ def test_coco_self_evaluation_is_perfect(dataset, split):
         m = gt.annToMask(ann)
         assert ann["area"] == int(m.sum()) == int(mask_util.area(rle))
         ys, xs = np.nonzero(m)
-        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert ann["bbox"] == box
     for iou_type, dets in (("bbox", dets_bbox), ("segm", dets_segm)):
         ev = COCOeval(gt, gt.loadRes(dets), iou_type)
         ev.evaluate()
@@ -168,7 +169,8 @@ def test_panoptic_and_semantic_agree_with_instances(dataset, split):
             m = ids == s["id"]
             assert s["area"] == int(m.sum()) > 0
             ys, xs = np.nonzero(m)
-            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert s["bbox"] == box
             if cats[s["category_id"]]["isthing"]:
                 matches = [
                     i for i, (a, im) in enumerate(zip(anns, inst_masks))
@@ -317,7 +319,7 @@ def test_register(registered, tmp_path):
     # idempotent
     assert register.register_shapes(prefix=p) == names
     # default names are registered on import
-    assert "shapes_train" in DatasetCatalog.list() and "shapes_val_panoptic" in DatasetCatalog.list()
+    assert {"shapes_train", "shapes_val_panoptic_separated"} <= set(DatasetCatalog.list())
 
     folder = shapes.shapes_dir(str(tmp_path), 0, 128, 6, 5)
     meta = MetadataCatalog.get(f"{p}_val")
@@ -347,7 +349,8 @@ def test_register(registered, tmp_path):
     sep_meta = MetadataCatalog.get(f"{p}_val_panoptic_separated")
     assert sep_meta.evaluator_type == "coco_panoptic_seg"
     assert sep_meta.stuff_classes == ["things"] + list(shapes.STUFF_CLASSES)
-    assert sep_meta.stuff_dataset_id_to_contiguous_id == {0: 0, **{T + j + 1: j + 1 for j in range(S)}}
+    stuff_map = {0: 0, **{T + j + 1: j + 1 for j in range(S)}}
+    assert sep_meta.stuff_dataset_id_to_contiguous_id == stuff_map
     assert sep_meta.sem_seg_root == os.path.join(folder, "panoptic_stuff", "val")
     for key in ("panoptic_root", "panoptic_json", "json_file", "image_root"):
         assert os.path.exists(getattr(sep_meta, key)), key
@@ -418,7 +421,8 @@ def test_concurrent_processes_generate_once(tmp_path):
     assert sum("shapes: generated" in o for o in outs) == 1, outs
     folder = shapes.shapes_dir(root, 0, 128, 60, 10)
     assert shapes.verify_shapes(folder) == []
-    assert sorted(os.listdir(root)) == sorted([os.path.basename(folder), f".{os.path.basename(folder)}.lock"])
+    name = os.path.basename(folder)
+    assert sorted(os.listdir(root)) == sorted([name, f".{name}.lock"])
 
 
 @pytest.mark.slow

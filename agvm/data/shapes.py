@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -427,7 +427,9 @@ def _generate_split(writer: _Writer, split: str, seed: int, size: int, num: int)
         writer.write(f"panoptic/{split}/{fname}", _png_bytes(pan_rgb.astype(np.uint8)))
         writer.write(f"panoptic_stuff/{split}/{fname}", _png_bytes(sep))
         images.append({"id": image_id, "file_name": fname, "width": size, "height": size})
-        pan_annotations.append({"image_id": image_id, "file_name": fname, "segments_info": segments})
+        pan_annotations.append(
+            {"image_id": image_id, "file_name": fname, "segments_info": segments}
+        )
         if (index + 1) % _PROGRESS_EVERY == 0 or index + 1 == num:
             logger.info(
                 "shapes %s: %d/%d images (%.1f s)", split, index + 1, num,
@@ -612,7 +614,8 @@ def ensure_shapes(
     logged and the whole dataset is regenerated: into a temporary sibling folder that is
     renamed into place at the end, under an exclusive ``fcntl.flock`` on
     ``<root>/.<name>.lock``, so that concurrent processes (e.g. DDP ranks) generate it once.
-    Generating the defaults (1000 + 200 images of 128 px) takes about 10-20 s on 2 cores.
+    Generating the defaults (1000 + 200 images of 128 px) takes about 10 s on 2 CPU cores
+    (single process; 9.6 s measured); verifying an intact cache about 0.1 s.
     """
     num_train, num_val = _resolve_counts(num_train, num_val)
     _check_params(seed, image_size, num_train, num_val)
