@@ -1,9 +1,32 @@
-"""The detectron2 integration of agvm: config, trainer, evaluation and command-line helpers.
+"""The detectron2 integration of agvm: config, grouping, optimizer, trainer, evaluation.
 
-Importing this package imports detectron2 (the core in ``agvm.core`` does not).
+Importing this package imports detectron2 (``agvm.core`` does not).
 """
 
+from .build import agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
+from .config import OPTIMIZERS, add_agvm_config
 from .engine import build_evaluator, default_argument_parser, print_results, setup_cfg
-from .trainer import Trainer
+from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
+from .trainer import AGVMStepTrainer, AGVMTrainer, ResumableTrainingSampler, Trainer, split_batch
 
-__all__ = ["Trainer", "build_evaluator", "default_argument_parser", "print_results", "setup_cfg"]
+__all__ = [
+    "AGVMStepTrainer",
+    "AGVMTrainer",
+    "DEFAULT_MODULE_ORDER",
+    "OPTIMIZERS",
+    "ResumableTrainingSampler",
+    "Trainer",
+    "add_agvm_config",
+    "agvm_param_groups",
+    "agvm_start_iter",
+    "build_agvm_optimizer",
+    "build_evaluator",
+    "check_agvm_config",
+    "default_argument_parser",
+    "default_rules",
+    "group_parameters",
+    "module_of_parameters",
+    "print_results",
+    "setup_cfg",
+    "split_batch",
+]

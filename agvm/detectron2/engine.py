@@ -25,6 +25,7 @@ from detectron2.evaluation import (
 )
 
 from ..data.register import prepare_datasets, register_shapes
+from .config import add_agvm_config
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,15 @@ def default_argument_parser(epilog: Optional[str] = None):
 def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> CfgNode:
     """Build, freeze and return the config of a run, and set up logging and the output folder.
 
-    Steps: detectron2 defaults, then each ``config_adders`` function (e.g. ``add_agvm_config``),
-    then ``args.config_file`` and ``args.opts``. When the config asks for CUDA and no GPU is
+    Steps: detectron2 defaults, :func:`add_agvm_config`, each extra ``config_adders``
+    function, then ``args.config_file`` and ``args.opts``. When the config asks for CUDA and no GPU is
     present, ``MODEL.DEVICE`` falls back to ``"cpu"`` with a warning, so every config runs on a
     CPU-only machine. Registers the embedded ``shapes_*`` datasets. ``args`` is the namespace of
     :func:`default_argument_parser`.
     """
     register_shapes()
     cfg = get_cfg()
+    add_agvm_config(cfg)
     for add in config_adders:
         add(cfg)
     if args.config_file:

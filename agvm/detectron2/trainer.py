@@ -1,17 +1,374 @@
-"""The Trainer every project builds on (detectron2's DefaultTrainer + agvm's evaluator choice)."""
+"""AGVMTrainer: detectron2's DefaultTrainer with the AGVM optimizer and its training step.
+
+On an AGVM iteration (every τ-th from the start iteration) of a single process, the step
+splits the process's batch into two halves, runs forward/backward on each, measures
+Φ = 1 − cos(G1, G2) per module, updates μ, and steps with the mean (G1 + G2) / 2. Other
+iterations are a plain step (with μ applied). With ``SOLVER.GRAD_ACCUM_STEPS`` = k > 1 the
+batch is cut into k micro-batches: on AGVM iterations they alternate between the halves (an
+odd k splits every micro-batch in two instead, so both halves stay equal).
+"""
 
 from __future__ import annotations
 
-from detectron2.engine import DefaultTrainer
+import itertools
+import json
+import logging
+import random
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+import torch
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine.defaults import default_writers
+from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
+
+from ..core.optim import AGVM, MODULE_KEY
+from .build import build_agvm_optimizer
 from .engine import build_evaluator
 
-__all__ = ["Trainer"]
+__all__ = ["AGVMTrainer", "AGVMStepTrainer", "ResumableTrainingSampler", "Trainer", "split_batch"]
+
+logger = logging.getLogger(__name__)
 
 
+# ------------------------------------------------------------------------------ batch split
+def split_batch(data: Sequence, accum_steps: int, halves: bool) -> List[Tuple[int, list]]:
+    """The micro-batches of one iteration as ``(half, items)`` pairs.
+
+    Without ``halves``: ``accum_steps`` equal chunks, all in half 0. With ``halves``: an even
+    ``accum_steps`` alternates its chunks between half 0 and half 1; an odd one (1 included)
+    cuts every chunk into two, the first part to half 0 and the second to half 1. All half-0
+    pairs come first.
+
+    Raises ValueError when ``len(data)`` is not divisible by ``accum_steps`` (and, with
+    halves, by ``2 * accum_steps`` for odd ``accum_steps``).
+    """
+    n = len(data)
+    if n % accum_steps:
+        raise ValueError(
+            f"the per-process batch ({n} images) is not divisible by SOLVER.GRAD_ACCUM_STEPS={accum_steps}"
+        )
+    size = n // accum_steps
+    chunks = [list(data[i * size:(i + 1) * size]) for i in range(accum_steps)]
+    if not halves:
+        return [(0, c) for c in chunks]
+    if accum_steps % 2 == 0:
+        pairs = [(i % 2, c) for i, c in enumerate(chunks)]
+    else:
+        if size < 2 or size % 2:
+            raise ValueError(
+                f"AGVM splits each micro-batch of {size} images into two halves: the per-process batch "
+                f"({n} images) / SOLVER.GRAD_ACCUM_STEPS ({accum_steps}) must be even and ≥ 2"
+            )
+        half = size // 2
+        pairs = [(0, c[:half]) for c in chunks] + [(1, c[half:]) for c in chunks]
+    return sorted(pairs, key=lambda hc: hc[0])
+
+
+# ------------------------------------------------------------------------------ the step
+class AGVMStepTrainer(SimpleTrainer):
+    """The inner trainer (detectron2's ``SimpleTrainer`` seam) that runs AGVM's step.
+
+    Args:
+        model, data_loader, optimizer: as for ``SimpleTrainer``; ``optimizer`` may be a bare
+            optimizer (AGVM disabled: plain steps, with accumulation and clipping support).
+        accum_steps: micro-batches per iteration (``SOLVER.GRAD_ACCUM_STEPS``).
+        clip: ``None`` or ``(clip_fn(params), (start, end))``: gradient clipping applied on
+            iterations in [start, end] ((-1, -1) = always).
+        amp: use CUDA autocast and a GradScaler (detectron2's AMPTrainer path); Φ is taken
+            from unscaled gradients and an overflowed step does not update μ.
+    """
+
+    def __init__(self, model, data_loader, optimizer, accum_steps=1, clip=None, amp=False, grad_scaler=None):
+        super().__init__(model, data_loader, optimizer)
+        self.accum_steps = accum_steps
+        self.clip = clip
+        self.amp = amp
+        if amp and grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler("cuda")
+        self.grad_scaler = grad_scaler
+
+    @property
+    def agvm(self) -> Optional[AGVM]:
+        return self.optimizer if isinstance(self.optimizer, AGVM) else None
+
+    def _forward(self, items):
+        if self.amp:
+            with torch.autocast("cuda"):
+                loss_dict = self.model(items)
+        else:
+            loss_dict = self.model(items)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        return loss_dict
+
+    def _backward(self, loss):
+        if self.amp:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def run_step(self):
+        assert self.model.training, "[AGVMStepTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        iteration = self.iter
+        agvm = self.agvm
+        estimate = agvm is not None and agvm.should_estimate(iteration)
+        pairs = split_batch(data, self.accum_steps, halves=estimate)
+        per_half = [sum(1 for h, _ in pairs if h == k) for k in (0, 1)]
+        self.optimizer.zero_grad()
+        totals: Dict[str, float] = {}
+        for index, (half, items) in enumerate(pairs):
+            if estimate and half == 1 and pairs[index - 1][0] == 0:
+                agvm.stash_first_half()
+            loss_dict = self._forward(items)
+            weight = 1.0 / per_half[half]
+            self._backward(sum(loss_dict.values()) * weight)
+            share = weight / (2 if estimate else 1)
+            for k, v in loss_dict.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() * share
+        if estimate:
+            self._finish_estimate(iteration)
+        self._write_metrics(totals, data_time)
+        self._clip(iteration)
+        if self.amp:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _finish_estimate(self, iteration):
+        agvm = self.agvm
+        scale = float(self.grad_scaler.get_scale()) if self.amp else 1.0
+        out = agvm.finish_second_half(iteration, grad_scale=1.0 / scale, skip_if_nonfinite=self.amp)
+        if comm.is_main_process():
+            storage = get_event_storage()
+            scalars = {}
+            first_lr = {}
+            for g in agvm.param_groups:
+                first_lr.setdefault(g[MODULE_KEY], g["lr"])
+            for m in agvm.modulator.modules:
+                scalars[f"agvm/phi/{m}"] = out["phi"].get(m, float("nan"))
+                scalars[f"agvm/mu/{m}"] = out["mu"][m]
+                scalars[f"agvm/lr/{m}"] = first_lr[m] * out["mu"][m]
+            scalars["agvm/skipped"] = agvm.modulator.skipped
+            storage.put_scalars(smoothing_hint=False, **scalars)
+
+    def _clip(self, iteration):
+        if self.clip is None:
+            return
+        clip_fn, (lo, hi) = self.clip
+        if (lo, hi) != (-1, -1) and not (lo <= iteration <= hi):
+            return
+        if self.amp:
+            self.grad_scaler.unscale_(self.optimizer)
+        clip_fn([p for g in self.optimizer.param_groups for p in g["params"]])
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["rng"] = _rng_state()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def _rng_state() -> dict:
+    """torch / numpy / Python RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ data resume
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's ``TrainingSampler`` that can skip its first ``skip`` indices (per rank),
+    so that a resumed run reads the same images as an uninterrupted one."""
+
+    skip = 0
+
+    def __iter__(self):
+        yield from itertools.islice(super().__iter__(), self.skip, None)
+
+
+# ------------------------------------------------------------------------------ logging
+EXACT_PREFIX = "agvm/"
+
+
+def _unsmoothed_backlog(storage, last_write: int):
+    """``{iteration: {key: value}}`` of the unsmoothed ``agvm/*`` scalars put after
+    ``last_write`` that the stock writers would drop (every entry but each key's latest,
+    which they write themselves)."""
+    backlog: Dict[int, Dict[str, float]] = {}
+    for key, history in storage.histories().items():
+        if not key.startswith(EXACT_PREFIX) or storage.smoothing_hints().get(key, True):
+            continue
+        values = history.values()
+        for value, it in values[:-1]:
+            if it > last_write:
+                backlog.setdefault(int(it), {})[key] = value
+    return backlog
+
+
+class ExactJSONWriter(JSONWriter):
+    """detectron2's JSONWriter, plus every ``agvm/*`` value put between two writes (detectron2
+    writes only the latest per key), so Φ, μ and lr of every AGVM update reach metrics.json."""
+
+    def write(self):
+        backlog = _unsmoothed_backlog(get_event_storage(), self._last_write)
+        for it in sorted(backlog):
+            self._file_handle.write(json.dumps({**backlog[it], "iteration": it}, sort_keys=True) + "\n")
+        super().write()
+
+
+class ExactTensorboardWriter(TensorboardXWriter):
+    """detectron2's TensorboardXWriter, plus every ``agvm/*`` value put between two writes."""
+
+    def write(self):
+        backlog = _unsmoothed_backlog(get_event_storage(), self._last_write)
+        for it in sorted(backlog):
+            for key, value in backlog[it].items():
+                self._writer.add_scalar(key, value, it)
+        super().write()
+
+
+# ------------------------------------------------------------------------------ trainers
 class Trainer(DefaultTrainer):
     """detectron2's ``DefaultTrainer`` with the evaluator picked from the dataset's metadata."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+
+class AGVMTrainer(Trainer):
+    """The trainer of every project: AGVM optimizer (``build_agvm_optimizer``), the AGVM step
+    (:class:`AGVMStepTrainer`), exact Φ/μ/lr logging, and exact resume (optimizer with μ, data
+    position and RNG state). With ``SOLVER.AGVM.ENABLED`` False it trains like detectron2's
+    DefaultTrainer, plus ``SOLVER.OPTIMIZER``, ``GRAD_ACCUM_STEPS`` and the clipping window.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        stock = self._trainer
+        clip = None
+        if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+            clip = (_clip_fn(cfg), tuple(cfg.SOLVER.CLIP_GRADIENTS.ITER_RANGE))
+        step = AGVMStepTrainer(
+            stock.model, [], stock.optimizer,
+            accum_steps=cfg.SOLVER.GRAD_ACCUM_STEPS, clip=clip, amp=cfg.SOLVER.AMP.ENABLED,
+            grad_scaler=getattr(stock, "grad_scaler", None),
+        )
+        step.data_loader = stock.data_loader
+        _share_iterator(step, stock)
+        self._trainer = step
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_agvm_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return super().build_train_loader(cfg)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=ResumableTrainingSampler(len(dataset)))
+
+    def build_writers(self):
+        writers = []
+        for w in default_writers(self.cfg.OUTPUT_DIR, self.max_iter):
+            if type(w) is JSONWriter:
+                path = w._file_handle.name
+                w.close()
+                w = ExactJSONWriter(path)
+            elif type(w) is TensorboardXWriter:
+                log_dir = w._writer.log_dir
+                w.close()
+                w = ExactTensorboardWriter(log_dir)
+            writers.append(w)
+        return writers
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            sampler = _find_sampler(self._trainer.data_loader)
+            if sampler is None:
+                logger.warning("resuming with a sampler that cannot skip: the data order differs from an uninterrupted run")
+                return
+            per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            sampler.skip = self.start_iter * per_rank
+            _share_iterator(self._trainer, None)
+
+
+def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None:
+    """Give ``step`` ``stock``'s data iterator (or a fresh one), on detectron2 0.6 (attribute)
+    and on main (lazy ``_data_loader_iter_obj``)."""
+    if hasattr(type(step), "_data_loader_iter") and isinstance(type(step)._data_loader_iter, property):
+        step._data_loader_iter_obj = getattr(stock, "_data_loader_iter_obj", None) if stock else None
+    elif stock is not None:
+        step._data_loader_iter = stock._data_loader_iter
+    else:
+        step._data_loader_iter = iter(step.data_loader)
+
+
+def _find_sampler(loader, depth: int = 6) -> Optional[ResumableTrainingSampler]:
+    """The ResumableTrainingSampler inside a detectron2 train loader, if any."""
+    seen, frontier = set(), [loader]
+    for _ in range(depth):
+        nxt = []
+        for obj in frontier:
+            if isinstance(obj, ResumableTrainingSampler):
+                return obj
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            for attr in ("dataset", "sampler", "_sampler", "batch_sampler"):
+                child = getattr(obj, attr, None)
+                if child is not None:
+                    nxt.append(child)
+        frontier = nxt
+    return None
+
+
+def _clip_fn(cfg):
+    c = cfg.SOLVER.CLIP_GRADIENTS
+    if c.CLIP_TYPE == "value":
+        return lambda params: torch.nn.utils.clip_grad_value_(params, c.CLIP_VALUE)
+    if c.CLIP_TYPE == "norm":
+        return lambda params: torch.nn.utils.clip_grad_norm_(params, c.CLIP_VALUE, c.NORM_TYPE)
+    raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={c.CLIP_TYPE!r} must be 'value' or 'norm'")
+

@@ -13,12 +13,12 @@ import agvm  # noqa: F401  (first: detectron2 0.6 compatibility patches)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import launch
 
-from agvm.detectron2 import Trainer as _BaseTrainer
+from agvm.detectron2 import AGVMTrainer
 from agvm.detectron2 import default_argument_parser, print_results, setup_cfg
 
 
-class Trainer(_BaseTrainer):
-    """The Faster R-CNN trainer: COCO box AP on the test sets."""
+class Trainer(AGVMTrainer):
+    """The Faster R-CNN trainer: AGVM (when SOLVER.AGVM.ENABLED), COCO box AP on the test sets."""
 
 
 def setup(args):

@@ -1,0 +1,15 @@
+"""The framework-agnostic core of AGVM (pure torch; no detectron2 import)."""
+
+from .modulator import GradientVarianceModulator
+from .optim import AGVM, MODULE_KEY, is_adam_like
+from .variance import gradient_stats, gradient_variance, variance_from_stats
+
+__all__ = [
+    "AGVM",
+    "GradientVarianceModulator",
+    "MODULE_KEY",
+    "gradient_stats",
+    "gradient_variance",
+    "is_adam_like",
+    "variance_from_stats",
+]

@@ -1,0 +1,136 @@
+"""``build_agvm_optimizer(cfg, model)``: detectron2's parameter groups, tagged by AGVM module."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.solver.build import get_default_optimizer_params
+
+from ..core.optim import AGVM, MODULE_KEY
+from .config import OPTIMIZERS
+from .groups import group_parameters
+
+__all__ = ["build_agvm_optimizer", "agvm_param_groups", "agvm_start_iter", "check_agvm_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def agvm_start_iter(cfg: CfgNode) -> int:
+    """``SOLVER.AGVM.START_ITER`` resolved: -1 means ``SOLVER.WARMUP_ITERS + 100``."""
+    start = cfg.SOLVER.AGVM.START_ITER
+    return cfg.SOLVER.WARMUP_ITERS + 100 if start == -1 else start
+
+
+def check_agvm_config(cfg: CfgNode) -> None:
+    """Reject bad agvm keys before anything is built; each error names the key and value."""
+    s = cfg.SOLVER
+    if s.OPTIMIZER not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r} is not one of {list(OPTIMIZERS)}")
+    if not (isinstance(s.GRAD_ACCUM_STEPS, int) and s.GRAD_ACCUM_STEPS >= 1):
+        raise ValueError(f"SOLVER.GRAD_ACCUM_STEPS={s.GRAD_ACCUM_STEPS!r} must be an integer ≥ 1")
+    rng = tuple(s.CLIP_GRADIENTS.ITER_RANGE)
+    if len(rng) != 2 or (rng != (-1, -1) and not (0 <= rng[0] <= rng[1])):
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.ITER_RANGE={rng!r} must be (-1, -1) (always) or (start, end) with 0 ≤ start ≤ end"
+        )
+    a = s.AGVM
+    if not a.ENABLED:
+        return
+    if not (0.0 <= a.MOMENTUM < 1.0):
+        raise ValueError(f"SOLVER.AGVM.MOMENTUM={a.MOMENTUM!r} must be in [0, 1)")
+    if not (isinstance(a.INTERVAL, int) and a.INTERVAL >= 1):
+        raise ValueError(f"SOLVER.AGVM.INTERVAL={a.INTERVAL!r} must be an integer ≥ 1")
+    clamp = tuple(a.CLAMP)
+    if clamp and not (len(clamp) == 2 and 0.0 < clamp[0] <= clamp[1]):
+        raise ValueError(f"SOLVER.AGVM.CLAMP={clamp!r} must be () (no clamp) or (lo, hi) with 0 < lo ≤ hi")
+    start = agvm_start_iter(cfg)
+    if start < 0:
+        raise ValueError(f"SOLVER.AGVM.START_ITER={a.START_ITER!r} must be -1 (warm-up + 100) or ≥ 0")
+    if a.STOP_ITER != -1 and a.STOP_ITER < start:
+        raise ValueError(f"SOLVER.AGVM.STOP_ITER={a.STOP_ITER!r} must be -1 (never) or ≥ the start iteration {start}")
+    if a.PRECONDITION not in ("auto", "on", "off"):
+        raise ValueError(f"SOLVER.AGVM.PRECONDITION={a.PRECONDITION!r} must be 'auto', 'on' or 'off'")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ValueError(f"SOLVER.AMP.ENABLED=True needs a CUDA device, got MODEL.DEVICE={cfg.MODEL.DEVICE!r}")
+
+
+def agvm_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
+    """detectron2's default parameter groups (norm/bias weight decay, bias lr factor), each
+    tagged with its AGVM module under ``"agvm_module"``, merged per (module, hyper-parameters).
+
+    The tag is part of each group so that detectron2's own group merging (main branch) or any
+    later merging cannot put two modules into one group. Groups come anchor module first.
+    """
+    modules = group_parameters(model, [tuple(r) for r in cfg.SOLVER.AGVM.GROUPS], cfg.SOLVER.AGVM.ANCHOR)
+    module_of = {id(p): name for name, params in modules.items() for p in params}
+    d2_groups = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    merged: Dict[tuple, Dict[str, Any]] = {}
+    for group in d2_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            if id(p) not in module_of:  # frozen parameters are not optimised
+                continue
+            module = module_of[id(p)]
+            key = (module,) + tuple(sorted((k, _hashable(v)) for k, v in hyper.items()))
+            if key not in merged:
+                merged[key] = {**hyper, MODULE_KEY: module, "params": []}
+            merged[key]["params"].append(p)
+    order = {name: i for i, name in enumerate(modules)}
+    return sorted(merged.values(), key=lambda g: order[g[MODULE_KEY]])
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg`` over ``model``, wrapped in :class:`agvm.AGVM` when
+    ``SOLVER.AGVM.ENABLED``; the bare (module-tagged) optimizer otherwise.
+
+    ``SOLVER.OPTIMIZER``: "SGD" (SOLVER.MOMENTUM, SOLVER.NESTEROV) or "AdamW" (SOLVER.BETAS,
+    SOLVER.EPS); SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY for both. Gradient clipping is applied
+    by the trainer (it knows the iteration, for SOLVER.CLIP_GRADIENTS.ITER_RANGE).
+    """
+    check_agvm_config(cfg)
+    groups = agvm_param_groups(cfg, model)
+    s = cfg.SOLVER
+    if s.OPTIMIZER == "SGD":
+        optimizer = torch.optim.SGD(
+            groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY
+        )
+    else:  # AdamW (check_agvm_config rejected anything else)
+        optimizer = torch.optim.AdamW(
+            groups, lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY
+        )
+    if not s.AGVM.ENABLED:
+        return optimizer
+    a = s.AGVM
+    wrapped = AGVM(
+        optimizer,
+        anchor=a.ANCHOR,
+        momentum=a.MOMENTUM,
+        interval=a.INTERVAL,
+        start_iter=agvm_start_iter(cfg),
+        stop_iter=None if a.STOP_ITER == -1 else a.STOP_ITER,
+        clamp=tuple(a.CLAMP) or None,
+        eps=a.EPS,
+        measure_only=a.MEASURE_ONLY,
+        precondition={"auto": "auto", "on": True, "off": False}[a.PRECONDITION],
+    )
+    sizes = {m: sum(p.numel() for p in ps) for m, ps in wrapped.params_by_module().items()}
+    logger.info(
+        "AGVM modules (parameters): "
+        + ", ".join(f"{m} ({n:,})" for m, n in sizes.items())
+        + f"; {wrapped.modulator!r}"
+    )
+    return wrapped
+
