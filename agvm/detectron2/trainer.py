@@ -91,6 +91,8 @@ class AGVMStepTrainer(SimpleTrainer):
         if amp and grad_scaler is None:
             grad_scaler = torch.amp.GradScaler("cuda")
         self.grad_scaler = grad_scaler
+        # set on resume: the torch RNG state to put back after the next data fetch
+        self.restore_torch_rng_after_next = None
 
     @property
     def agvm(self) -> Optional[AGVM]:
@@ -117,6 +119,9 @@ class AGVMStepTrainer(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if self.restore_torch_rng_after_next is not None:
+            torch.set_rng_state(self.restore_torch_rng_after_next)
+            self.restore_torch_rng_after_next = None
         iteration = self.iter
         agvm = self.agvm
         estimate = agvm is not None and agvm.should_estimate(iteration)
@@ -322,6 +327,20 @@ class AGVMTrainer(Trainer):
             writers.append(w)
         return writers
 
+    def state_dict(self):
+        # detectron2 0.6's DefaultTrainer does not save its inner trainer (optimizer, μ, grad
+        # scaler); main does. Save it either way.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("the checkpoint has no optimizer/AGVM state (written by a stock detectron2 0.6 trainer?)")
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
@@ -332,6 +351,9 @@ class AGVMTrainer(Trainer):
             per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
             sampler.skip = self.start_iter * per_rank
             _share_iterator(self._trainer, None)
+            # a fresh DataLoader iterator draws its base seed from torch's RNG on its first
+            # next(), which the uninterrupted run did at iteration 0: undo that draw
+            self._trainer.restore_torch_rng_after_next = torch.get_rng_state()
 
 
 def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None:
