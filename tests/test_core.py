@@ -246,6 +246,26 @@ def test_split_gradient_mean_equals_full_batch_gradient():
     assert out["mu"]["backbone"] == 1.0 and out["mu"]["head"] != 1.0
 
 
+def test_module_without_gradient_in_one_half_is_skipped():
+    """A module that one half does not reach (e.g. a mask head without positive RoIs) keeps
+    its μ, is counted in ``skipped``, and the step still gets the mean gradient."""
+    torch.manual_seed(0)
+    net = TwoModuleNet()
+    opt = AGVM(torch.optim.SGD(_groups(net), lr=0.1), clamp=None)
+    opt.modulator.mu["head"] = 1.5
+    x, y = _data(0, 8)
+    nn.functional.mse_loss(net(x[:4]), y[:4]).backward()
+    g1_head = net.head.weight.grad.clone()
+    opt.stash_first_half()
+    net.backbone(x[4:]).sum().backward()  # the head gets no gradient in half 2
+    out = opt.finish_second_half(0)
+    assert math.isnan(out["phi"]["head"]) and out["mu"]["head"] == 1.5
+    assert opt.modulator.skipped == 1
+    assert torch.allclose(net.head.weight.grad, g1_head / 2)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def test_adam_preconditioning_auto_and_value():
     net = TwoModuleNet()
     adam = AGVM(torch.optim.AdamW(_groups(net), lr=1e-3, betas=(0.9, 0.99), eps=1e-8))

@@ -32,14 +32,6 @@ def tiny_args(train_net, out_dir, *extra, eval_only=False):
     return train_net.default_argument_parser().parse_args(argv)
 
 
-@pytest.fixture
-def tiny_shapes(tmp_path, monkeypatch):
-    monkeypatch.setenv("AGVM_DATASETS", str(tmp_path / "datasets"))
-    monkeypatch.setenv("AGVM_SHAPES_NUM_TRAIN", "16")
-    monkeypatch.setenv("AGVM_SHAPES_NUM_VAL", "8")
-    return tmp_path
-
-
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.json")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -11,7 +11,7 @@ from detectron2.engine import HookBase
 
 from agvm.core.optim import AGVM
 from agvm.detectron2 import AGVMTrainer, split_batch
-from test_train_e2e import load_train_net, tiny_args, tiny_shapes  # noqa: F401  (fixture)
+from test_train_e2e import load_train_net, tiny_args
 
 AGVM_OPTS = [
     "SOLVER.AGVM.ENABLED", "True", "SOLVER.AGVM.INTERVAL", "2", "SOLVER.AGVM.START_ITER", "1",
@@ -146,6 +146,19 @@ def test_clip_window_only_clips_inside(tiny_shapes):
     trainer.train()
     assert norms[2] == pytest.approx(1e-3, rel=1e-3) and norms[3] == pytest.approx(1e-3, rel=1e-3)
     assert norms[1] > 1e-2 and norms[4] > 1e-2
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        (["SOLVER.IMS_PER_BATCH", "1"], "must be even and ≥ 2"),
+        (["SOLVER.IMS_PER_BATCH", "3", "SOLVER.GRAD_ACCUM_STEPS", "3"], "must be even and ≥ 2"),
+        (["SOLVER.GRAD_ACCUM_STEPS", "3"], "not divisible by SOLVER.GRAD_ACCUM_STEPS=3"),
+    ],
+)
+def test_split_batch_errors_before_training(tiny_shapes, opts, match):
+    with pytest.raises(ValueError, match=match):
+        AGVMTrainer(_cfg(tiny_shapes / "bad", *opts))
 
 
 def test_resume_continues_exactly(tiny_shapes):

@@ -211,14 +211,14 @@ class AGVM(Optimizer):
             first = [self._stash.get(p) for p in params]
             second = [p.grad for p in params]
             stats[module] = gradient_stats(first, second, self._transform(params, grad_scale))
-        for p, g1 in self._stash.items():
-            if g1 is None:
-                if p.grad is not None:
-                    p.grad.mul_(0.5)
-            elif p.grad is None:
-                p.grad = g1.mul_(0.5)
-            else:
-                p.grad.add_(g1).mul_(0.5)
+            for p, g1 in zip(params, first):
+                if g1 is None:
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+                elif p.grad is None:
+                    p.grad = g1.mul_(0.5)
+                else:
+                    p.grad.add_(g1).mul_(0.5)
         self._stash = {}
         if skip_if_nonfinite and not all(bool(torch.isfinite(torch.stack(s)).all()) for s in stats.values()):
             self.modulator.skip(iteration)

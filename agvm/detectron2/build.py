@@ -9,11 +9,17 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import get_default_optimizer_params
 
+from timm.optim import Lamb, Lars
+
 from ..core.optim import AGVM, MODULE_KEY
+from ..solver import LR_SCALING_RULES, PMDLamb
 from .config import OPTIMIZERS
 from .groups import group_parameters
 
 __all__ = ["build_agvm_optimizer", "agvm_param_groups", "agvm_start_iter", "check_agvm_config"]
+
+#: Optimizers with a layer-wise trust ratio (SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM applies).
+TRUST_RATIO_OPTIMIZERS = ("LARS", "LAMB", "PMD_LAMB")
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,25 @@ def check_agvm_config(cfg: CfgNode) -> None:
         raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r} is not one of {list(OPTIMIZERS)}")
     if not (isinstance(s.GRAD_ACCUM_STEPS, int) and s.GRAD_ACCUM_STEPS >= 1):
         raise ValueError(f"SOLVER.GRAD_ACCUM_STEPS={s.GRAD_ACCUM_STEPS!r} must be an integer ≥ 1")
+    if s.OPTIMIZER == "SAM":
+        if s.SAM.BASE_OPTIMIZER not in ("SGD", "AdamW"):
+            raise ValueError(f"SOLVER.SAM.BASE_OPTIMIZER={s.SAM.BASE_OPTIMIZER!r} must be 'SGD' or 'AdamW'")
+        if not s.SAM.RHO > 0:
+            raise ValueError(f"SOLVER.SAM.RHO={s.SAM.RHO!r} must be > 0")
+        if s.AGVM.ENABLED:
+            raise ValueError(
+                "SOLVER.OPTIMIZER='SAM' cannot be combined with SOLVER.AGVM.ENABLED=True: SAM's gradient is "
+                "taken at a perturbed point shared by both half-batches, so AGVM's two half-batch estimates "
+                "would not be independent. Use SGD or AdamW with AGVM."
+            )
+        if s.GRAD_ACCUM_STEPS != 1:
+            raise ValueError(f"SOLVER.OPTIMIZER='SAM' needs SOLVER.GRAD_ACCUM_STEPS=1, got {s.GRAD_ACCUM_STEPS}")
+        if s.AMP.ENABLED:
+            raise ValueError("SOLVER.OPTIMIZER='SAM' does not support SOLVER.AMP.ENABLED=True")
+    if s.LR_SCALING.RULE not in LR_SCALING_RULES:
+        raise ValueError(f"SOLVER.LR_SCALING.RULE={s.LR_SCALING.RULE!r} is not one of {list(LR_SCALING_RULES)}")
+    if s.WARMUP_METHOD not in ("linear", "constant", "exp"):
+        raise ValueError(f"SOLVER.WARMUP_METHOD={s.WARMUP_METHOD!r} must be 'linear', 'constant' or 'exp'")
     rng = tuple(s.CLIP_GRADIENTS.ITER_RANGE)
     if len(rng) != 2 or (rng != (-1, -1) and not (0 <= rng[0] <= rng[1])):
         raise ValueError(
@@ -73,12 +98,20 @@ def agvm_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, An
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
+    trust_ratio = cfg.SOLVER.OPTIMIZER in TRUST_RATIO_OPTIMIZERS
+    exclude = trust_ratio and cfg.SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM
     merged: Dict[tuple, Dict[str, Any]] = {}
     for group in d2_groups:
-        hyper = {k: v for k, v in group.items() if k != "params"}
         for p in group["params"]:
             if id(p) not in module_of:  # frozen parameters are not optimised
                 continue
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            if trust_ratio:
+                # timm's Lars/Lamb adapt a group iff weight_decay != 0 or always_adapt
+                excluded = exclude and p.ndim <= 1
+                hyper["always_adapt"] = not excluded
+                if excluded:
+                    hyper["weight_decay"] = 0.0
             module = module_of[id(p)]
             key = (module,) + tuple(sorted((k, _hashable(v)) for k, v in hyper.items()))
             if key not in merged:
@@ -96,21 +129,37 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
     """The optimizer of ``cfg`` over ``model``, wrapped in :class:`agvm.AGVM` when
     ``SOLVER.AGVM.ENABLED``; the bare (module-tagged) optimizer otherwise.
 
-    ``SOLVER.OPTIMIZER``: "SGD" (SOLVER.MOMENTUM, SOLVER.NESTEROV) or "AdamW" (SOLVER.BETAS,
-    SOLVER.EPS); SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY for both. Gradient clipping is applied
-    by the trainer (it knows the iteration, for SOLVER.CLIP_GRADIENTS.ITER_RANGE).
+    ``SOLVER.OPTIMIZER`` (see ``add_agvm_config``): SGD and AdamW from torch; LARS and LAMB
+    from timm; PMD_LAMB (:class:`agvm.solver.PMDLamb`); SAM returns its base optimizer (the
+    trainer runs SAM's two passes). SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY for all. Gradient
+    clipping is applied by the trainer (it knows the iteration, for CLIP_GRADIENTS.ITER_RANGE).
     """
     check_agvm_config(cfg)
     groups = agvm_param_groups(cfg, model)
     s = cfg.SOLVER
-    if s.OPTIMIZER == "SGD":
+    name = s.SAM.BASE_OPTIMIZER if s.OPTIMIZER == "SAM" else s.OPTIMIZER
+    if name == "SGD":
         optimizer = torch.optim.SGD(
             groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY
         )
-    else:  # AdamW (check_agvm_config rejected anything else)
+    elif name == "AdamW":
         optimizer = torch.optim.AdamW(
             groups, lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY
         )
+    elif name == "LARS":
+        optimizer = Lars(
+            groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY,
+            trust_coeff=s.LARS.TRUST_COEFF, eps=s.LARS.EPS, trust_clip=s.LARS.TRUST_CLIP,
+        )
+    else:  # LAMB / PMD_LAMB (check_agvm_config rejected anything else)
+        kwargs = dict(
+            lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY,
+            max_grad_norm=s.LAMB.MAX_GRAD_NORM or None, trust_clip=s.LAMB.TRUST_CLIP,
+        )
+        if name == "LAMB":
+            optimizer = Lamb(groups, **kwargs)
+        else:
+            optimizer = PMDLamb(groups, decay_period=s.PMD.PERIOD, decay_factor=s.PMD.FACTOR, **kwargs)
     if not s.AGVM.ENABLED:
         return optimizer
     a = s.AGVM

@@ -7,7 +7,7 @@ from detectron2.config import CfgNode as CN
 __all__ = ["add_agvm_config", "OPTIMIZERS"]
 
 #: Values accepted by ``SOLVER.OPTIMIZER``.
-OPTIMIZERS = ("SGD", "AdamW")
+OPTIMIZERS = ("SGD", "AdamW", "LARS", "LAMB", "SAM", "PMD_LAMB")
 
 
 def add_agvm_config(cfg: CN) -> None:
@@ -15,12 +15,46 @@ def add_agvm_config(cfg: CN) -> None:
     if "AGVM" in cfg.SOLVER:
         return
     _C = cfg
-    # Optimizer: "SGD" (momentum SOLVER.MOMENTUM, nesterov SOLVER.NESTEROV) or "AdamW"
-    # (SOLVER.BETAS, SOLVER.EPS). Weight decay and the norm/bias groups are detectron2's
+    # Optimizer, one of OPTIMIZERS. Weight decay and the norm/bias groups are detectron2's
     # (SOLVER.WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS, BIAS_LR_FACTOR).
+    #   "SGD"       torch SGD: SOLVER.MOMENTUM, SOLVER.NESTEROV
+    #   "AdamW"     torch AdamW: SOLVER.BETAS, SOLVER.EPS
+    #   "LARS"      timm Lars (You et al. 2017): SOLVER.MOMENTUM, SOLVER.NESTEROV, SOLVER.LARS.*
+    #   "LAMB"      timm Lamb (You et al. 2020): SOLVER.BETAS, SOLVER.EPS, SOLVER.LAMB.*
+    #   "PMD_LAMB"  LAMB with periodic moment decay (Wang et al. 2020): SOLVER.LAMB.*, SOLVER.PMD.*
+    #   "SAM"       SAM (Foret et al. 2021), two passes per step: SOLVER.SAM.*
     _C.SOLVER.OPTIMIZER = "SGD"
-    _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW (β1, β2)
-    _C.SOLVER.EPS = 1e-8  # AdamW ε
+    _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW / LAMB (β1, β2)
+    _C.SOLVER.EPS = 1e-8  # AdamW / LAMB ε
+    # LARS / LAMB / PMD_LAMB: exclude 1-D parameters (biases, norm weights) from the trust
+    # ratio, the convention of the LARS/LAMB papers: they get no layer-wise adaptation and no
+    # weight decay. False: every parameter is adapted (timm's always_adapt) with its group's decay.
+    _C.SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM = True
+    _C.SOLVER.LARS = CN()
+    _C.SOLVER.LARS.TRUST_COEFF = 0.001  # η of the trust ratio η·‖w‖/‖g + wd·w‖
+    _C.SOLVER.LARS.EPS = 1e-8  # added to the trust ratio's denominator
+    _C.SOLVER.LARS.TRUST_CLIP = False  # clip the trust ratio at 1 (LARC)
+    _C.SOLVER.LAMB = CN()
+    # LAMB's own global gradient-norm clipping (timm's default is 1.0, applied to the whole
+    # model before the update); 0.0 = off. Use SOLVER.CLIP_GRADIENTS for ordinary clipping.
+    _C.SOLVER.LAMB.MAX_GRAD_NORM = 0.0
+    _C.SOLVER.LAMB.TRUST_CLIP = False  # clip the trust ratio at 1
+    _C.SOLVER.PMD = CN()
+    # PMD_LAMB: multiply both LAMB moments by FACTOR every PERIOD optimizer steps. The paper's
+    # schedule is not public: these defaults are our assumption (see agvm.solver.pmd_lamb).
+    _C.SOLVER.PMD.PERIOD = 100
+    _C.SOLVER.PMD.FACTOR = 0.5
+    _C.SOLVER.SAM = CN()
+    _C.SOLVER.SAM.RHO = 0.05  # radius of the ascent step ρ·g/‖g‖ (L2, whole model)
+    _C.SOLVER.SAM.BASE_OPTIMIZER = "SGD"  # the optimizer that steps at the SAM gradient: SGD or AdamW
+    # Learning rate by a scaling rule: RULE "none" keeps SOLVER.BASE_LR; "linear" / "sqrt" set
+    # BASE_LR = REFERENCE_LR scaled from REFERENCE_IMS_PER_BATCH to SOLVER.IMS_PER_BATCH.
+    _C.SOLVER.LR_SCALING = CN()
+    _C.SOLVER.LR_SCALING.RULE = "none"
+    _C.SOLVER.LR_SCALING.REFERENCE_IMS_PER_BATCH = 16  # images per iteration
+    _C.SOLVER.LR_SCALING.REFERENCE_LR = 0.02
+    # SOLVER.WARMUP_METHOD also accepts "exp": factor WARMUP_FACTOR^(1 − t/WARMUP_ITERS), the
+    # authors' release (with WARMUP_FACTOR 0.001).
     # Micro-batches per iteration per process (≥ 1). SOLVER.IMS_PER_BATCH stays the global batch;
     # each process's batch (IMS_PER_BATCH / world size) must be divisible by it.
     _C.SOLVER.GRAD_ACCUM_STEPS = 1

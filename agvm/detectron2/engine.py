@@ -16,6 +16,8 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser as _d2_argument_parser
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
@@ -25,6 +27,7 @@ from detectron2.evaluation import (
 )
 
 from ..data.register import prepare_datasets, register_shapes
+from ..solver import scale_lr
 from .config import add_agvm_config
 
 logger = logging.getLogger(__name__)
@@ -43,7 +46,9 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     """Build, freeze and return the config of a run, and set up logging and the output folder.
 
     Steps: detectron2 defaults, :func:`add_agvm_config`, each extra ``config_adders``
-    function, then ``args.config_file`` and ``args.opts``. When the config asks for CUDA and no GPU is
+    function, then ``args.config_file`` and ``args.opts``. With ``SOLVER.LR_SCALING.RULE``
+    other than "none", ``SOLVER.BASE_LR`` is set by :func:`agvm.solver.scale_lr` from the
+    reference batch and lr to ``SOLVER.IMS_PER_BATCH``. When the config asks for CUDA and no GPU is
     present, ``MODEL.DEVICE`` falls back to ``"cpu"`` with a warning, so every config runs on a
     CPU-only machine. Registers the embedded ``shapes_*`` datasets. ``args`` is the namespace of
     :func:`default_argument_parser`.
@@ -56,11 +61,18 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
+    scaling = cfg.SOLVER.LR_SCALING
+    if scaling.RULE != "none":
+        cfg.SOLVER.BASE_LR = scale_lr(
+            scaling.REFERENCE_LR, scaling.REFERENCE_IMS_PER_BATCH, cfg.SOLVER.IMS_PER_BATCH, scaling.RULE
+        )
     fell_back = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if fell_back:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # agvm's own messages (module groups, modulator settings) in the console and log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="agvm", abbrev_name="agvm")
     if fell_back:
         logging.getLogger("agvm").warning("No CUDA device found: running on CPU (MODEL.DEVICE cpu).")
     return cfg

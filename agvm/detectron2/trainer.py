@@ -10,6 +10,7 @@ odd k splits every micro-batch in two instead, so both halves stay equal).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -27,6 +28,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 
 from ..core.optim import AGVM, MODULE_KEY
+from ..solver import build_lr_scheduler
 from .build import build_agvm_optimizer
 from .engine import build_evaluator
 
@@ -81,10 +83,16 @@ class AGVMStepTrainer(SimpleTrainer):
             iterations in [start, end] ((-1, -1) = always).
         amp: use CUDA autocast and a GradScaler (detectron2's AMPTrainer path); Φ is taken
             from unscaled gradients and an overflowed step does not update μ.
+        sam_rho: run SAM (Foret et al., ICLR 2021) with this radius instead of a plain step:
+            gradient g, ascend to w + ρ·g/‖g‖, gradient there, back to w, step with it. Under
+            DDP the first pass does not synchronise; BN running statistics are updated by the
+            first pass only. None (default): no SAM.
     """
 
-    def __init__(self, model, data_loader, optimizer, accum_steps=1, clip=None, amp=False, grad_scaler=None):
+    def __init__(self, model, data_loader, optimizer, accum_steps=1, clip=None, amp=False, grad_scaler=None,
+                 sam_rho=None):
         super().__init__(model, data_loader, optimizer)
+        self.sam_rho = sam_rho
         self.accum_steps = accum_steps
         self.clip = clip
         self.amp = amp
@@ -123,6 +131,9 @@ class AGVMStepTrainer(SimpleTrainer):
             torch.set_rng_state(self.restore_torch_rng_after_next)
             self.restore_torch_rng_after_next = None
         iteration = self.iter
+        if self.sam_rho is not None:
+            self._sam_step(data, data_time, iteration)
+            return
         agvm = self.agvm
         estimate = agvm is not None and agvm.should_estimate(iteration)
         pairs = split_batch(data, self.accum_steps, halves=estimate)
@@ -147,6 +158,32 @@ class AGVMStepTrainer(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def _sam_step(self, data, data_time, iteration):
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.zero_grad()
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            loss_dict = self._forward(data)
+            sum(loss_dict.values()).backward()
+        self._write_metrics(loss_dict, data_time)
+        with torch.no_grad():
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+            scale = self.sam_rho / (float(norm) + 1e-12)
+            shifts = {}
+            for p in params:
+                if p.grad is not None:
+                    shifts[p] = p.grad * scale
+                    p.add_(shifts[p])
+        self.optimizer.zero_grad()
+        with _frozen_bn_stats(self.model):
+            sum(self._forward(data).values()).backward()
+        with torch.no_grad():
+            for p, e in shifts.items():
+                p.sub_(e)
+        self._clip(iteration)
+        self.optimizer.step()
 
     def _finish_estimate(self, iteration):
         agvm = self.agvm
@@ -189,6 +226,22 @@ class AGVMStepTrainer(SimpleTrainer):
             _set_rng_state(state_dict["rng"])
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(model):
+    """Batch-norm layers keep their running statistics (momentum 0) inside the block."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def _rng_state() -> dict:
@@ -283,6 +336,7 @@ class AGVMTrainer(Trainer):
     """
 
     def __init__(self, cfg):
+        _check_split_batch(cfg)
         super().__init__(cfg)
         stock = self._trainer
         clip = None
@@ -292,6 +346,7 @@ class AGVMTrainer(Trainer):
             stock.model, [], stock.optimizer,
             accum_steps=cfg.SOLVER.GRAD_ACCUM_STEPS, clip=clip, amp=cfg.SOLVER.AMP.ENABLED,
             grad_scaler=getattr(stock, "grad_scaler", None),
+            sam_rho=cfg.SOLVER.SAM.RHO if cfg.SOLVER.OPTIMIZER == "SAM" else None,
         )
         step.data_loader = stock.data_loader
         _share_iterator(step, stock)
@@ -300,6 +355,10 @@ class AGVMTrainer(Trainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_agvm_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -354,6 +413,26 @@ class AGVMTrainer(Trainer):
             # a fresh DataLoader iterator draws its base seed from torch's RNG on its first
             # next(), which the uninterrupted run did at iteration 0: undo that draw
             self._trainer.restore_torch_rng_after_next = torch.get_rng_state()
+
+
+def _check_split_batch(cfg) -> None:
+    """Fail before training when AGVM's split step cannot halve the per-process batch."""
+    world = comm.get_world_size()
+    batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS
+    if batch % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={batch} is not divisible by the world size {world}")
+    per_process = batch // world
+    if per_process % k:
+        raise ValueError(
+            f"the per-process batch SOLVER.IMS_PER_BATCH / world = {per_process} is not divisible by "
+            f"SOLVER.GRAD_ACCUM_STEPS={k}"
+        )
+    if cfg.SOLVER.AGVM.ENABLED and k % 2 == 1 and (per_process // k < 2 or (per_process // k) % 2):
+        raise ValueError(
+            f"AGVM splits each micro-batch into two halves: the per-process batch "
+            f"(SOLVER.IMS_PER_BATCH={batch} / world {world} / SOLVER.GRAD_ACCUM_STEPS={k} = {per_process // k}) "
+            "must be even and ≥ 2"
+        )
 
 
 def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None:
