@@ -296,3 +296,18 @@ def test_mini_config_trains_with_each_optimizer(name, tiny_shapes):
     assert len(losses) == 3 and all(math.isfinite(v) for v, _ in losses)
     expected = {"adamw": torch.optim.AdamW, "lars": Lars, "lamb": Lamb, "pmd_lamb": PMDLamb, "sam": torch.optim.SGD}
     assert type(trainer.optimizer) is expected[name]
+
+
+def test_megdet_recipe_config(tmp_path):
+    """configs/recipes/MegDet.yaml under the mini model: SyncBN, linear LR scaling, warm-up."""
+    cfg = _cfg()
+    cfg.merge_from_file("configs/recipes/MegDet.yaml")
+    assert cfg.MODEL.RESNETS.NORM == "SyncBN" and cfg.MODEL.FPN.NORM == "SyncBN"
+    assert cfg.SOLVER.LR_SCALING.RULE == "linear" and cfg.SOLVER.WARMUP_METHOD == "linear"
+    from agvm.detectron2 import default_argument_parser, setup_cfg
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", MINI, "OUTPUT_DIR", str(tmp_path / "out"), "SOLVER.IMS_PER_BATCH", "64",
+         "SOLVER.LR_SCALING.RULE", "linear"]
+    )
+    assert setup_cfg(args).SOLVER.BASE_LR == pytest.approx(0.02 * 64 / 16)
