@@ -266,6 +266,40 @@ def test_module_without_gradient_in_one_half_is_skipped():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.parametrize("precondition", [False, True])
+def test_scaled_gradients_give_the_unscaled_phi(precondition):
+    """AMP: gradients scaled by S with grad_scale = 1/S give the Φ of the unscaled gradients
+    (the cosine is scale-invariant; Adam preconditioning is not, hence grad_scale)."""
+    torch.manual_seed(0)
+    x, y = _data(0, 16)
+    phis = []
+    for scale in (1.0, 1024.0):
+        torch.manual_seed(0)
+        net = TwoModuleNet()
+        opt = AGVM(torch.optim.AdamW(_groups(net), lr=1e-3), precondition=precondition)
+        (nn.functional.mse_loss(net(x[:8]), y[:8]) * scale).backward()
+        opt.stash_first_half()
+        (nn.functional.mse_loss(net(x[8:]), y[8:]) * scale).backward()
+        phis.append(opt.finish_second_half(0, grad_scale=1.0 / scale)["phi"])
+    for m in ("backbone", "head"):
+        assert phis[1][m] == pytest.approx(phis[0][m], rel=1e-4)
+
+
+def test_overflowed_step_leaves_mu_unchanged():
+    net = TwoModuleNet()
+    opt = AGVM(torch.optim.SGD(_groups(net), lr=0.1), clamp=None)
+    opt.modulator.mu["head"] = 1.7
+    x, y = _data(0, 8)
+    nn.functional.mse_loss(net(x[:4]), y[:4]).backward()
+    opt.stash_first_half()
+    nn.functional.mse_loss(net(x[4:]), y[4:]).backward()
+    net.backbone[0].weight.grad[0, 0] = float("inf")  # an fp16 overflow in the backbone
+    out = opt.finish_second_half(5, skip_if_nonfinite=True)
+    assert opt.mu == {"backbone": 1.0, "head": 1.7}
+    assert all(math.isnan(v) for v in out["phi"].values())
+    assert opt.modulator.skipped == 1 and opt.modulator.last_update_iter == 5
+
+
 def test_adam_preconditioning_auto_and_value():
     net = TwoModuleNet()
     adam = AGVM(torch.optim.AdamW(_groups(net), lr=1e-3, betas=(0.9, 0.99), eps=1e-8))
