@@ -1,0 +1,155 @@
+"""The DDP communication hook that gives AGVM its two half-batch gradients for free.
+
+On an AGVM iteration every bucket is reduced twice: first inside the rank's own half of the
+world (ranks ``[0, n_a)`` are half a, ``[n_a, W)`` half b; mean ``H_own`` over its ``n_own``
+ranks), then over the world, each rank contributing ``H_own / W``, which sums to the ordinary
+DDP mean ``f = (n_a·H_a + n_b·H_b) / W``. The bucket returns ``f``, so the step is plain DDP's.
+Per module, three float64 sums accumulate as buckets complete: ⟨H_own, f⟩, ‖H_own‖², ‖f‖².
+The other half's statistics follow without materialising ``H_other = (W·f − n_own·H_own) / n_other``:
+
+    ⟨H_own, H_other⟩ = (W⟨H_own, f⟩ − n_own‖H_own‖²) / n_other
+    ‖H_other‖²       = (W²‖f‖² − 2W·n_own⟨H_own, f⟩ + n_own²‖H_own‖²) / n_other²
+
+and one small all-reduce of those numbers makes every rank agree. Extra communication per AGVM
+iteration: one half-group all-reduce per bucket plus that small all-reduce; no all-gather of the
+gradient (the authors' release gathers the whole flattened gradient). Unequal halves (odd W)
+are exact. Ordinary iterations are a plain all-reduce of the mean (bit-identical to DDP's own),
+optionally fp16-compressed. The half-group collective is issued and awaited in the hook's own
+thread (deterministic bucket order on every rank); the ``then`` callbacks only compute.
+Pure torch. (No ``from __future__ import annotations`` here: DDP checks the hook's
+annotations against ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``.)
+"""
+
+import threading
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..core.variance import GradientStats
+
+__all__ = ["AGVMHookState", "agvm_comm_hook", "half_sizes"]
+
+
+def half_sizes(world_size: int):
+    """``(n_a, n_b)``: ranks ``[0, n_a)`` form the first half, the rest the second
+    (``n_a = W // 2``; for odd W the second half is one rank larger)."""
+    if world_size < 2:
+        raise ValueError(f"the AGVM comm hook needs a world size ≥ 2, got {world_size}")
+    n_a = world_size // 2
+    return n_a, world_size - n_a
+
+
+class AGVMHookState:
+    """State of :func:`agvm_comm_hook`; create it on every rank, once per model.
+
+    Args:
+        module_of: ``{parameter: module name}`` for every parameter DDP reduces.
+        modules: the module names, in a fixed order (every rank the same).
+        process_group: the world group (default: ``dist.group.WORLD``).
+        compress_fp16: reduce in fp16 on ordinary iterations (DDP's ``fp16_compress_hook``
+            behaviour); AGVM iterations always reduce in full precision.
+
+    Set :attr:`estimate` to True before the backward of an AGVM iteration (all ranks alike),
+    then call :meth:`finish` after it for the per-module ``(⟨G1, G2⟩, ‖G1‖², ‖G2‖²)``, with G1 the
+    first half's mean gradient and G2 the second's.
+    """
+
+    def __init__(
+        self,
+        module_of: Mapping[torch.nn.Parameter, str],
+        modules: Sequence[str],
+        process_group: Optional[dist.ProcessGroup] = None,
+        compress_fp16: bool = False,
+    ) -> None:
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.n_a, self.n_b = half_sizes(self.world)
+        ranks_a = list(range(self.n_a))
+        ranks_b = list(range(self.n_a, self.world))
+        # every rank takes part in creating both groups (a collective requirement)
+        group_a = dist.new_group(ranks_a)
+        group_b = dist.new_group(ranks_b)
+        self.in_first_half = self.rank < self.n_a
+        self.own_group = group_a if self.in_first_half else group_b
+        self.n_own = self.n_a if self.in_first_half else self.n_b
+        self.n_other = self.world - self.n_own
+        self.module_of = {id(p): m for p, m in module_of.items()}
+        self.modules = list(modules)
+        self.compress_fp16 = compress_fp16
+        self.estimate = False
+        self._lock = threading.Lock()
+        self._sums: Dict[str, torch.Tensor] = {}
+        self.bytes_extra = 0  # bytes reduced in half groups during the current AGVM iteration
+        self.last_bytes_extra = 0  # ... and during the last finished one
+
+    # ------------------------------------------------------------------ after the backward
+    def finish(self) -> "OrderedDict[str, GradientStats]":  # noqa: F821
+        """Per-module ``(⟨G1, G2⟩, ‖G1‖², ‖G2‖²)`` of the AGVM iteration that just ended, the
+        same on every rank (a collective: every rank must call it). Resets the sums."""
+        w, n_own, n_other = float(self.world), float(self.n_own), float(self.n_other)
+        rows = []
+        for m in self.modules:
+            own_f, own_sq, f_sq = (self._sums[m] if m in self._sums else torch.zeros(3, dtype=torch.float64)).tolist()
+            dot = (w * own_f - n_own * own_sq) / n_other
+            other_sq = (w * w * f_sq - 2 * w * n_own * own_f + n_own * n_own * own_sq) / (n_other * n_other)
+            first_sq, second_sq = (own_sq, other_sq) if self.in_first_half else (other_sq, own_sq)
+            rows.append([dot, first_sq, second_sq])
+        table = torch.tensor(rows, dtype=torch.float64).reshape(len(self.modules), 3)
+        dist.all_reduce(table, group=self.group)
+        table /= self.world
+        self._sums = {}
+        self.estimate = False
+        self.last_bytes_extra, self.bytes_extra = self.bytes_extra, 0
+        return OrderedDict((m, (table[i, 0], table[i, 1], table[i, 2])) for i, m in enumerate(self.modules))
+
+    # ------------------------------------------------------------------ inside the hook
+    def _accumulate(self, bucket: dist.GradBucket, own: torch.Tensor, full: torch.Tensor) -> None:
+        offset = 0
+        partial: Dict[str, torch.Tensor] = {}
+        for p in bucket.parameters():
+            n = p.numel()
+            a = own[offset:offset + n].float()
+            f = full[offset:offset + n].float()
+            offset += n
+            terms = torch.stack([torch.dot(a, f), torch.dot(a, a), torch.dot(f, f)]).double()
+            m = self.module_of[id(p)]
+            partial[m] = terms if m not in partial else partial[m] + terms
+        with self._lock:
+            for m, t in partial.items():
+                self._sums[m] = t if m not in self._sums else self._sums[m] + t
+
+
+def agvm_comm_hook(state: AGVMHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The DDP comm hook (``ddp.register_comm_hook(state, agvm_comm_hook)``); see the module
+    docstring for what it does on AGVM and on ordinary iterations."""
+    buf = bucket.buffer()
+    if not state.estimate:
+        if state.compress_fp16:
+            compressed = buf.to(torch.float16).div_(state.world)
+            fut = dist.all_reduce(compressed, group=state.group, async_op=True).get_future()
+
+            def decompress(fut):
+                buf.copy_(fut.value()[0])
+                return buf
+
+            return fut.then(decompress)
+        buf.div_(state.world)
+        fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
+        return fut.then(lambda fut: fut.value()[0])
+    # AGVM iteration: the mean of the own half, in the hook's thread (deterministic order)
+    dist.all_reduce(buf, group=state.own_group)
+    buf.div_(state.n_own)
+    own = buf.clone()
+    state.bytes_extra += buf.numel() * buf.element_size()
+    buf.div_(state.world)  # every rank adds H_own / W: the world sum is (n_a·H_a + n_b·H_b) / W
+    fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
+
+    def accumulate(fut):
+        full = fut.value()[0]
+        state._accumulate(bucket, own, full)
+        return full
+
+    return fut.then(accumulate)

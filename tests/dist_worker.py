@@ -1,0 +1,80 @@
+"""Worker of tests/test_distributed.py: one gloo rank training a small two-module model.
+
+Kept importable (not inside the test module) so that spawned processes can unpickle it.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PER_RANK = 4  # samples per rank and iteration
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def global_batch(it, world):
+    g = torch.Generator().manual_seed(1000 + it)
+    x = torch.randn(world * PER_RANK, 8, generator=g)
+    y = torch.sin(x[:, :1] * 2) + x[:, 1:2] ** 2
+    return x, y
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    net = Net()
+    groups = [
+        {"params": list(net.backbone.parameters()), "agvm_module": "backbone"},
+        {"params": list(net.head.parameters()), "agvm_module": "head"},
+    ]
+    return net, groups
+
+
+def run(rank, world, port, out_dir, iters, interval, mode):
+    """mode: "hook" (AGVM with the comm hook), "hook_plain" (hook, never estimating),
+    "ddp" (plain DDP, no hook)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from agvm.core.optim import AGVM
+    from agvm.distributed import AGVMHookState, agvm_comm_hook
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    net, groups = make()
+    # tiny buckets: several buckets per backward, so the ordering hazard would show
+    ddp = DDP(net, bucket_cap_mb=0.002)
+    opt = AGVM(torch.optim.SGD(groups, lr=0.05, momentum=0.9), interval=interval, clamp=None)
+    state = None
+    if mode != "ddp":
+        module_of = {p: g["agvm_module"] for g in groups for p in g["params"]}
+        state = AGVMHookState(module_of, ["backbone", "head"])
+        ddp.register_comm_hook(state, agvm_comm_hook)
+    phis, mus, extra = {}, {}, []
+    for it in range(iters):
+        x, y = global_batch(it, world)
+        xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
+        opt.zero_grad()
+        estimate = mode == "hook" and opt.should_estimate(it)
+        if state is not None:
+            state.estimate = estimate
+        nn.functional.mse_loss(ddp(xs), ys).backward()
+        if estimate:
+            out = opt.update_from_stats(it, state.finish())
+            phis[it], mus[it] = out["phi"], out["mu"]
+            extra.append(state.last_bytes_extra)
+        opt.step()
+    torch.save(
+        {"params": [p.detach().clone() for p in net.parameters()], "phis": phis, "mus": mus, "extra": extra},
+        os.path.join(out_dir, f"{mode}_{rank}.pt"),
+    )
+    dist.barrier()
+    dist.destroy_process_group()
