@@ -78,3 +78,52 @@ def run(rank, world, port, out_dir, iters, interval, mode):
     )
     dist.barrier()
     dist.destroy_process_group()
+
+
+MINI_AGVM = "projects/faster_rcnn/configs/mini/faster_rcnn_R18_FPN_shapes_agvm.yaml"
+
+
+def run_detector(rank, world, port, out_dir, mode, datasets):
+    """The mini detector for 4 iterations under DDP (gloo). mode: "agvm" (comm hook), "plain"
+    (AGVMTrainer, AGVM disabled), "stock" (detectron2's DefaultTrainer)."""
+    os.environ.update(AGVM_DATASETS=datasets, AGVM_SHAPES_NUM_TRAIN="16", AGVM_SHAPES_NUM_VAL="8")
+    import agvm  # noqa: F401
+    from detectron2.engine import DefaultTrainer
+    from detectron2.utils import comm
+
+    from agvm.detectron2 import AGVMTrainer, default_argument_parser, setup_cfg
+    from agvm.detectron2.launch import _init
+    from agvm.detectron2.trainer import _cpu_capable_ddp
+
+    _init("gloo", f"tcp://127.0.0.1:{port}", world, rank, rank, world, DEFAULT_TIMEOUT)
+    torch.set_num_threads(1)
+    out = os.path.join(out_dir, mode)
+    opts = [
+        "OUTPUT_DIR", out, "SOLVER.IMS_PER_BATCH", str(2 * world), "SOLVER.MAX_ITER", "4",
+        "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)", "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.AGVM.START_ITER", "1", "SOLVER.AGVM.INTERVAL", "2", "TEST.EVAL_PERIOD", "0",
+        "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "SOLVER.AGVM.ENABLED", str(mode == "agvm"),
+    ]
+    cfg = setup_cfg(default_argument_parser().parse_args(["--config-file", MINI_AGVM, *opts]))
+    if mode == "stock":
+        with _cpu_capable_ddp():
+            trainer = DefaultTrainer(cfg)
+    else:
+        trainer = AGVMTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    hook = getattr(trainer._trainer, "hook_state", None)
+    torch.save(
+        {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None,
+         "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None)},
+        os.path.join(out_dir, f"det_{mode}_{rank}.pt"),
+    )
+    comm.synchronize()
+    dist.destroy_process_group()
+
+
+from datetime import timedelta  # noqa: E402
+
+DEFAULT_TIMEOUT = timedelta(minutes=5)

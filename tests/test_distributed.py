@@ -90,3 +90,67 @@ def test_ordinary_iterations_are_plain_ddp(tmp_path):
     ddp = _spawn(2, tmp_path, "ddp")
     for a, b in zip(hook[0]["params"], ddp[0]["params"]):
         assert torch.equal(a, b)
+
+
+def _spawn_detector(world, out_dir, mode, datasets):
+    mp.start_processes(
+        dist_worker.run_detector, args=(world, _free_port(), str(out_dir), mode, str(datasets)),
+        nprocs=world, start_method="spawn",
+    )
+    return [torch.load(out_dir / f"det_{mode}_{r}.pt") for r in range(world)]
+
+
+@pytest.mark.ddp
+def test_mini_detector_under_ddp(tmp_path):
+    """World 2 on CPU: AGVM with the hook logs Φ/μ and keeps the ranks bit-identical; with
+    AGVM disabled no hook is installed and training equals detectron2's DefaultTrainer."""
+    import json
+
+    datasets = tmp_path / "datasets"
+    agvm_runs = _spawn_detector(2, tmp_path, "agvm", datasets)
+    assert all(r["hook"] for r in agvm_runs) and agvm_runs[0]["skipped"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(agvm_runs[0]["params"], agvm_runs[1]["params"]))
+    with open(tmp_path / "agvm" / "metrics.json") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for m in ("backbone", "neck", "rpn", "box_head"):
+        logged = {r["iteration"]: r[f"agvm/phi/{m}"] for r in records if f"agvm/phi/{m}" in r}
+        assert sorted(logged) == [1, 3] and all(0.0 < v < 2.0 for v in logged.values()), (m, logged)
+
+    plain = _spawn_detector(2, tmp_path, "plain", datasets)
+    stock = _spawn_detector(2, tmp_path, "stock", datasets)
+    assert not any(r["hook"] for r in plain)
+    for a, b in zip(plain[0]["params"], stock[0]["params"]):
+        assert torch.equal(a, b)
+
+
+def test_cluster_env_parsing(monkeypatch):
+    from agvm.detectron2.launch import _cluster_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(k, raising=False)
+    assert _cluster_env() is None
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
+    assert _cluster_env() == (5, 8, 1, 4)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _cluster_env() == (3, 4, 1, 2)  # torchrun first
+
+
+def test_syncbn_on_cpu_fails_before_building(tiny_shapes):
+    from test_trainer import _cfg
+
+    from agvm.detectron2 import AGVMTrainer
+
+    with pytest.raises(ValueError, match="MODEL.RESNETS.NORM = 'SyncBN' needs CUDA.*naiveSyncBN"):
+        AGVMTrainer(_cfg(tiny_shapes / "syncbn", "MODEL.RESNETS.NORM", "SyncBN"))
+
+
+def test_half_sizes():
+    assert half_sizes(2) == (1, 1) and half_sizes(3) == (1, 2) and half_sizes(8) == (4, 4)
+    with pytest.raises(ValueError, match="world size ≥ 2"):
+        half_sizes(1)

@@ -7,7 +7,8 @@ from .build import agvm_param_groups, agvm_start_iter, build_agvm_optimizer, che
 from .config import OPTIMIZERS, add_agvm_config
 from .engine import build_evaluator, default_argument_parser, print_results, setup_cfg
 from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
-from .trainer import AGVMStepTrainer, AGVMTrainer, ResumableTrainingSampler, Trainer, split_batch
+from .launch import launch
+from .trainer import AGVMStepTrainer, AGVMTrainer, ResumableTrainingSampler, Trainer, install_agvm_hook, split_batch
 
 __all__ = [
     "AGVMStepTrainer",
@@ -25,6 +26,8 @@ __all__ = [
     "default_argument_parser",
     "default_rules",
     "group_parameters",
+    "install_agvm_hook",
+    "launch",
     "module_of_parameters",
     "print_results",
     "setup_cfg",

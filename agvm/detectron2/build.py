@@ -11,7 +11,9 @@ from detectron2.solver.build import get_default_optimizer_params
 
 from timm.optim import Lamb, Lars
 
-from ..core.optim import AGVM, MODULE_KEY
+from detectron2.utils import comm
+
+from ..core.optim import AGVM, MODULE_KEY, is_adam_like
 from ..solver import LR_SCALING_RULES, PMDLamb
 from .config import OPTIMIZERS
 from .groups import group_parameters
@@ -163,6 +165,13 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
     if not s.AGVM.ENABLED:
         return optimizer
     a = s.AGVM
+    precondition = {"auto": "auto", "on": True, "off": False}[a.PRECONDITION]
+    if precondition == "auto" and comm.get_world_size() > 1 and is_adam_like(optimizer):
+        logger.warning(
+            "SOLVER.AGVM.PRECONDITION 'auto': the DDP comm hook measures Φ on plain gradients "
+            "(Adam preconditioning is single-process only for now)"
+        )
+        precondition = False
     wrapped = AGVM(
         optimizer,
         anchor=a.ANCHOR,
@@ -173,7 +182,7 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
         clamp=tuple(a.CLAMP) or None,
         eps=a.EPS,
         measure_only=a.MEASURE_ONLY,
-        precondition={"auto": "auto", "on": True, "off": False}[a.PRECONDITION],
+        precondition=precondition,
     )
     sizes = {m: sum(p.numel() for p in ps) for m, ps in wrapped.params_by_module().items()}
     logger.info(

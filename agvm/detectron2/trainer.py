@@ -27,12 +27,15 @@ from detectron2.engine.defaults import default_writers
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ..core.optim import AGVM, MODULE_KEY
+from ..distributed import AGVMHookState, agvm_comm_hook
 from ..solver import build_lr_scheduler
 from .build import build_agvm_optimizer
 from .engine import build_evaluator
 
-__all__ = ["AGVMTrainer", "AGVMStepTrainer", "ResumableTrainingSampler", "Trainer", "split_batch"]
+__all__ = ["AGVMTrainer", "AGVMStepTrainer", "ResumableTrainingSampler", "Trainer", "install_agvm_hook", "split_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,8 @@ class AGVMStepTrainer(SimpleTrainer):
                  sam_rho=None):
         super().__init__(model, data_loader, optimizer)
         self.sam_rho = sam_rho
+        # set by AGVMTrainer under DDP: the comm hook supplies the halves (no batch split)
+        self.hook_state = None
         self.accum_steps = accum_steps
         self.clip = clip
         self.amp = amp
@@ -136,21 +141,35 @@ class AGVMStepTrainer(SimpleTrainer):
             return
         agvm = self.agvm
         estimate = agvm is not None and agvm.should_estimate(iteration)
-        pairs = split_batch(data, self.accum_steps, halves=estimate)
+        split = estimate and self.hook_state is None  # one process: two half-batches
+        pairs = split_batch(data, self.accum_steps, halves=split)
         per_half = [sum(1 for h, _ in pairs if h == k) for k in (0, 1)]
         self.optimizer.zero_grad()
+        if estimate and not split:
+            self.hook_state.estimate = True
         totals: Dict[str, float] = {}
+        no_sync = getattr(self.model, "no_sync", None)
         for index, (half, items) in enumerate(pairs):
-            if estimate and half == 1 and pairs[index - 1][0] == 0:
+            if split and half == 1 and pairs[index - 1][0] == 0:
                 agvm.stash_first_half()
-            loss_dict = self._forward(items)
-            weight = 1.0 / per_half[half]
-            self._backward(sum(loss_dict.values()) * weight)
-            share = weight / (2 if estimate else 1)
+            last = index == len(pairs) - 1
+            with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                loss_dict = self._forward(items)
+                weight = 1.0 / per_half[half]
+                self._backward(sum(loss_dict.values()) * weight)
+            share = weight / (2 if split else 1)
             for k, v in loss_dict.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * share
-        if estimate:
-            self._finish_estimate(iteration)
+        if split:
+            scale = float(self.grad_scaler.get_scale()) if self.amp else 1.0
+            self._log_agvm(agvm.finish_second_half(iteration, grad_scale=1.0 / scale, skip_if_nonfinite=self.amp))
+        elif estimate:
+            stats = self.hook_state.finish()
+            if self.amp and not all(bool(torch.isfinite(torch.stack(v)).all()) for v in stats.values()):
+                agvm.modulator.skip(iteration)
+                self._log_agvm({"phi": {}, "mu": agvm.mu})
+            else:
+                self._log_agvm(agvm.update_from_stats(iteration, stats))
         self._write_metrics(totals, data_time)
         self._clip(iteration)
         if self.amp:
@@ -185,22 +204,22 @@ class AGVMStepTrainer(SimpleTrainer):
         self._clip(iteration)
         self.optimizer.step()
 
-    def _finish_estimate(self, iteration):
+    def _log_agvm(self, out):
+        """Put Φ, μ and the modulated lr of every module (and the skip count) into the storage."""
+        if not comm.is_main_process():
+            return
         agvm = self.agvm
-        scale = float(self.grad_scaler.get_scale()) if self.amp else 1.0
-        out = agvm.finish_second_half(iteration, grad_scale=1.0 / scale, skip_if_nonfinite=self.amp)
-        if comm.is_main_process():
-            storage = get_event_storage()
-            scalars = {}
-            first_lr = {}
-            for g in agvm.param_groups:
-                first_lr.setdefault(g[MODULE_KEY], g["lr"])
-            for m in agvm.modulator.modules:
-                scalars[f"agvm/phi/{m}"] = out["phi"].get(m, float("nan"))
-                scalars[f"agvm/mu/{m}"] = out["mu"][m]
-                scalars[f"agvm/lr/{m}"] = first_lr[m] * out["mu"][m]
-            scalars["agvm/skipped"] = agvm.modulator.skipped
-            storage.put_scalars(smoothing_hint=False, **scalars)
+        storage = get_event_storage()
+        scalars = {}
+        first_lr = {}
+        for g in agvm.param_groups:
+            first_lr.setdefault(g[MODULE_KEY], g["lr"])
+        for m in agvm.modulator.modules:
+            scalars[f"agvm/phi/{m}"] = out["phi"].get(m, float("nan"))
+            scalars[f"agvm/mu/{m}"] = out["mu"][m]
+            scalars[f"agvm/lr/{m}"] = first_lr[m] * out["mu"][m]
+        scalars["agvm/skipped"] = agvm.modulator.skipped
+        storage.put_scalars(smoothing_hint=False, **scalars)
 
     def _clip(self, iteration):
         if self.clip is None:
@@ -337,7 +356,9 @@ class AGVMTrainer(Trainer):
 
     def __init__(self, cfg):
         _check_split_batch(cfg)
-        super().__init__(cfg)
+        _check_norm_device(cfg)
+        with _cpu_capable_ddp():
+            super().__init__(cfg)
         stock = self._trainer
         clip = None
         if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
@@ -351,6 +372,8 @@ class AGVMTrainer(Trainer):
         step.data_loader = stock.data_loader
         _share_iterator(step, stock)
         self._trainer = step
+        if isinstance(step.optimizer, AGVM) and isinstance(step.model, DistributedDataParallel):
+            step.hook_state = install_agvm_hook(step.model, step.optimizer)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -413,6 +436,55 @@ class AGVMTrainer(Trainer):
             # a fresh DataLoader iterator draws its base seed from torch's RNG on its first
             # next(), which the uninterrupted run did at iteration 0: undo that draw
             self._trainer.restore_torch_rng_after_next = torch.get_rng_state()
+
+
+def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM) -> AGVMHookState:
+    """Register :func:`agvm.distributed.agvm_comm_hook` on ``ddp`` for ``agvm``'s modules."""
+    if agvm.precondition:
+        raise ValueError(
+            "Adam-preconditioned similarity (SOLVER.AGVM.PRECONDITION) is not supported by the DDP comm "
+            "hook yet: set SOLVER.AGVM.PRECONDITION 'off' for multi-process training"
+        )
+    module_of = {p: m for m, ps in agvm.params_by_module().items() for p in ps}
+    state = AGVMHookState(module_of, agvm.modulator.modules)
+    ddp.register_comm_hook(state, agvm_comm_hook)
+    logger.info(f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks")
+    return state
+
+
+@contextlib.contextmanager
+def _cpu_capable_ddp():
+    """detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP rejects
+    for CPU modules: inside this block CPU models get ``device_ids=None``."""
+    import detectron2.engine.defaults as defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs["device_ids"] = None
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
+_NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD", "ROI_KEYPOINT_HEAD", "SEM_SEG_HEAD", "RETINANET")
+
+
+def _check_norm_device(cfg) -> None:
+    """SyncBN needs CUDA: fail before building anything on CPU, naming the keys."""
+    if not cfg.MODEL.DEVICE.startswith("cpu"):
+        return
+    bad = [f"MODEL.{k}.NORM" for k in _NORM_KEYS if k in cfg.MODEL and cfg.MODEL[k].get("NORM") == "SyncBN"]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} = 'SyncBN' needs CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}: use 'BN' "
+            "(per-process statistics) or 'naiveSyncBN' (cross-process statistics over gloo) on CPU"
+        )
 
 
 def _check_split_batch(cfg) -> None:

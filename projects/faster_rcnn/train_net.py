@@ -5,16 +5,15 @@
     python projects/faster_rcnn/train_net.py --config-file <cfg> --num-gpus 8
     python projects/faster_rcnn/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <ckpt>
 
-Runs on CPU when there is no GPU.
+Runs on CPU when there is no GPU; with MODEL.DEVICE cpu, --num-gpus N starts N CPU processes
+(gloo). torchrun / srun processes join directly.
 """
 
 import agvm  # noqa: F401  (first: detectron2 0.6 compatibility patches)
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import launch
 
-from agvm.detectron2 import AGVMTrainer
-from agvm.detectron2 import default_argument_parser, print_results, setup_cfg
+from agvm.detectron2 import AGVMTrainer, default_argument_parser, launch, print_results, setup_cfg
 
 
 class Trainer(AGVMTrainer):

@@ -1,0 +1,140 @@
+"""``launch``: detectron2's launcher, working everywhere.
+
+detectron2 0.6's ``launch`` asserts CUDA and hard-codes NCCL for several processes. This one
+starts ``num_gpus_per_machine`` processes per machine on GPUs (NCCL) or, when the run's
+``MODEL.DEVICE`` is ``cpu`` (or there is no GPU), CPU processes (gloo). Multi-machine jobs use
+``--num-machines/--machine-rank/--dist-url`` as in detectron2. Processes started by
+``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE``) or by SLURM's ``srun``
+(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_NTASKS_PER_NODE``) join directly,
+one process each. Collectives time out after ``timeout`` (default 30 min, env
+``AGVM_DIST_TIMEOUT_S``): a rank that dies makes the others fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.utils import comm
+
+__all__ = ["DEFAULT_TIMEOUT", "launch", "run_device"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("AGVM_DIST_TIMEOUT_S", 1800)))
+
+
+def run_device(args) -> str:
+    """``"cuda"`` or ``"cpu"``: the device the run's config asks for (config file, then the
+    ``KEY VALUE`` overrides), ``cpu`` when no GPU is present."""
+    from detectron2.config import get_cfg
+
+    from .config import add_agvm_config
+
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    if getattr(args, "config_file", ""):
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
+    if cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_env():
+    """``(rank, world, local_rank, local_world)`` set by torchrun or SLURM, or None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+                int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"]), per_node
+    return None
+
+
+def launch(
+    main_func: Callable,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args=(),
+    timeout: timedelta = DEFAULT_TIMEOUT,
+    device: Optional[str] = None,
+):
+    """Run ``main_func(*args)`` in every process of the job (see the module docstring).
+
+    Args:
+        main_func: the per-process entry point.
+        num_gpus_per_machine: processes per machine (GPUs, or CPU processes on CPU).
+        num_machines, machine_rank, dist_url: as in detectron2 (``dist_url`` "auto" or None
+            picks a free local port on one machine; torchrun/SLURM use ``env://`` unless given).
+        args: arguments of ``main_func``; ``args[0]`` is the parsed command line when
+            ``device`` is None (its ``MODEL.DEVICE`` decides the backend).
+        timeout: collective timeout.
+        device: "cuda" or "cpu"; default from the run's config (:func:`run_device`).
+    """
+    if device is None:
+        device = run_device(args[0]) if args else ("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if device == "cuda" else "gloo"
+    cluster = _cluster_env()
+    if cluster is not None:
+        rank, world, local_rank, local_world = cluster
+        url = dist_url if dist_url not in (None, "auto") else "env://"
+        _init(backend, url, world, rank, local_rank, local_world, timeout)
+        return main_func(*args)
+    world = num_machines * num_gpus_per_machine
+    if world <= 1:
+        return main_func(*args)
+    if device == "cuda" and num_gpus_per_machine > torch.cuda.device_count():
+        raise ValueError(
+            f"--num-gpus {num_gpus_per_machine} but only {torch.cuda.device_count()} CUDA devices are visible; "
+            "use MODEL.DEVICE cpu for CPU processes"
+        )
+    if dist_url in (None, "auto"):
+        if num_machines > 1:
+            raise ValueError("--dist-url must name the first machine (tcp://host:port) for multi-machine jobs")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    mp.start_processes(
+        _worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, backend, dist_url, world, num_gpus_per_machine, machine_rank, args, timeout),
+        daemon=False,
+        start_method="spawn",
+    )
+
+
+def _worker(local_rank, main_func, backend, dist_url, world, per_machine, machine_rank, args, timeout):
+    rank = machine_rank * per_machine + local_rank
+    _init(backend, dist_url, world, rank, local_rank, per_machine, timeout)
+    main_func(*args)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _init(backend, url, world, rank, local_rank, local_world, timeout):
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method=url, world_size=world, rank=rank, timeout=timeout)
+    if hasattr(comm, "create_local_process_group"):  # detectron2 main
+        comm.create_local_process_group(local_world)
+    else:  # detectron2 0.6: every rank creates every machine's group
+        for machine in range(world // local_world):
+            ranks = list(range(machine * local_world, (machine + 1) * local_world))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
