@@ -41,7 +41,7 @@ def make(seed=0):
 
 def run(rank, world, port, out_dir, iters, interval, mode):
     """mode: "hook" (AGVM with the comm hook), "hook_plain" (hook, never estimating),
-    "ddp" (plain DDP, no hook)."""
+    "hook_fp16" (AGVM, fp16-compressed ordinary iterations), "ddp" (plain DDP, no hook)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from agvm.core.optim import AGVM
@@ -56,14 +56,14 @@ def run(rank, world, port, out_dir, iters, interval, mode):
     state = None
     if mode != "ddp":
         module_of = {p: g["agvm_module"] for g in groups for p in g["params"]}
-        state = AGVMHookState(module_of, ["backbone", "head"])
+        state = AGVMHookState(module_of, ["backbone", "head"], compress_fp16=mode == "hook_fp16")
         ddp.register_comm_hook(state, agvm_comm_hook)
     phis, mus, extra = {}, {}, []
     for it in range(iters):
         x, y = global_batch(it, world)
         xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
         opt.zero_grad()
-        estimate = mode == "hook" and opt.should_estimate(it)
+        estimate = mode in ("hook", "hook_fp16") and opt.should_estimate(it)
         if state is not None:
             state.estimate = estimate
         nn.functional.mse_loss(ddp(xs), ys).backward()

@@ -62,6 +62,9 @@ def add_agvm_config(cfg: CN) -> None:
     # [start, end] (inclusive, 0-based). (-1, -1) = every iteration. The authors' release clips
     # (L2 norm, max 1.0) only in [warm-up − 100, warm-up + 100].
     _C.SOLVER.CLIP_GRADIENTS.ITER_RANGE = (-1, -1)
+    # Under DDP, all-reduce gradients in fp16 on ordinary iterations (torch's fp16 compression
+    # hook; with AGVM its comm hook does the same, and AGVM iterations stay in full precision).
+    _C.SOLVER.DDP_FP16_COMPRESSION = False
 
     _C.SOLVER.AGVM = CN()
     # Modulate each module's learning rate by μ = sqrt(Φ_anchor / Φ_module) (the method).

@@ -372,8 +372,14 @@ class AGVMTrainer(Trainer):
         step.data_loader = stock.data_loader
         _share_iterator(step, stock)
         self._trainer = step
-        if isinstance(step.optimizer, AGVM) and isinstance(step.model, DistributedDataParallel):
-            step.hook_state = install_agvm_hook(step.model, step.optimizer)
+        if isinstance(step.model, DistributedDataParallel):
+            fp16 = cfg.SOLVER.DDP_FP16_COMPRESSION
+            if isinstance(step.optimizer, AGVM):
+                step.hook_state = install_agvm_hook(step.model, step.optimizer, compress_fp16=fp16)
+            elif fp16:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                step.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -438,15 +444,16 @@ class AGVMTrainer(Trainer):
             self._trainer.restore_torch_rng_after_next = torch.get_rng_state()
 
 
-def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM) -> AGVMHookState:
-    """Register :func:`agvm.distributed.agvm_comm_hook` on ``ddp`` for ``agvm``'s modules."""
+def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM, compress_fp16: bool = False) -> AGVMHookState:
+    """Register :func:`agvm.distributed.agvm_comm_hook` on ``ddp`` for ``agvm``'s modules
+    (``compress_fp16``: fp16 all-reduce on ordinary iterations; default False)."""
     if agvm.precondition:
         raise ValueError(
             "Adam-preconditioned similarity (SOLVER.AGVM.PRECONDITION) is not supported by the DDP comm "
             "hook yet: set SOLVER.AGVM.PRECONDITION 'off' for multi-process training"
         )
     module_of = {p: m for m, ps in agvm.params_by_module().items() for p in ps}
-    state = AGVMHookState(module_of, agvm.modulator.modules)
+    state = AGVMHookState(module_of, agvm.modulator.modules, compress_fp16=compress_fp16)
     ddp.register_comm_hook(state, agvm_comm_hook)
     logger.info(f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks")
     return state

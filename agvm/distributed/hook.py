@@ -11,8 +11,9 @@ The other half's statistics follow without materialising ``H_other = (W·f − n
     ‖H_other‖²       = (W²‖f‖² − 2W·n_own⟨H_own, f⟩ + n_own²‖H_own‖²) / n_other²
 
 and one small all-reduce of those numbers makes every rank agree. Extra communication per AGVM
-iteration: one half-group all-reduce per bucket plus that small all-reduce; no all-gather of the
-gradient (the authors' release gathers the whole flattened gradient). Unequal halves (odd W)
+iteration: one half-group all-reduce per bucket (none where a half is a single rank) plus that
+small all-reduce; no all-gather of the gradient (the authors' release gathers the whole
+flattened gradient). Unequal halves (odd W)
 are exact. Ordinary iterations are a plain all-reduce of the mean (bit-identical to DDP's own),
 optionally fp16-compressed. The half-group collective is issued and awaited in the hook's own
 thread (deterministic bucket order on every rank); the ``then`` callbacks only compute.
@@ -140,11 +141,12 @@ def agvm_comm_hook(state: AGVMHookState, bucket: dist.GradBucket) -> torch.futur
         fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
         return fut.then(lambda fut: fut.value()[0])
     # AGVM iteration: the mean of the own half, in the hook's thread (deterministic order)
-    dist.all_reduce(buf, group=state.own_group)
-    buf.div_(state.n_own)
-    own = buf.clone()
-    state.bytes_extra += buf.numel() * buf.element_size()
-    buf.div_(state.world)  # every rank adds H_own / W: the world sum is (n_a·H_a + n_b·H_b) / W
+    if state.n_own > 1:
+        dist.all_reduce(buf, group=state.own_group)
+        state.bytes_extra += buf.numel() * buf.element_size()
+    own = buf / state.n_own  # H_own, kept for the statistics (one copy of the bucket)
+    # every rank adds H_own / W: the world sum is (n_a·H_a + n_b·H_b) / W, plain DDP's mean
+    buf.div_(state.n_own * state.world)
     fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
 
     def accumulate(fut):
