@@ -166,6 +166,34 @@ def worker(rank, world, port, model_name, iters, warmup, per_rank, out_path):
     dist.destroy_process_group()
 
 
+def report(rec) -> dict:
+    """Print the table of one (model, world) record and return its summary."""
+    med, g, world = rec["median_s"], rec["grad_bytes"], rec["world"]
+    n_a = world // 2
+    ref_half = g if n_a > 1 else 0  # rank 0's half-group payload in the reference strategy
+    strategies = {
+        "plain DDP": (med["plain"], med["plain"], g, 0),
+        "agvm hook": (med["hook_agvm"], med["hook_ordinary"], g + rec["hook_extra_bytes"], rec["rss_rise_bytes"]["hook_agvm"]),
+        "reference": (med["reference_agvm"], med["plain"], ref_half + 2 * g, rec["rss_rise_bytes"]["reference_agvm"]),
+    }
+    table = {}
+    print(f"\n{rec['model']}, world {world}, gradients {g / 2**20:.1f} MiB (G)")
+    print("| strategy | AGVM iter | ordinary iter | overhead τ=5 | overhead τ=10 | bytes / AGVM iter (extra) | peak RSS rise |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (t_agvm, t_ord, nbytes, rss) in strategies.items():
+        amort = {tau: (t_agvm + (tau - 1) * t_ord) / (tau * med["plain"]) - 1 for tau in (5, 10)}
+        table[name] = {"agvm_s": t_agvm, "ordinary_s": t_ord, "amortized": amort, "bytes": nbytes, "rss_rise": rss}
+        print(f"| {name} | {t_agvm * 1000:.0f} ms | {t_ord * 1000:.0f} ms | {amort[5] * 100:+.2f} % | "
+              f"{amort[10] * 100:+.2f} % | {nbytes / 2**20:.0f} MiB ({(nbytes - g) / 2**20:+.0f}) | {rss / 2**20:+.0f} MiB |")
+    extra_hook = med["hook_agvm"] - med["plain"]
+    extra_ref = med["reference_agvm"] - med["plain"]
+    ratio = extra_ref / extra_hook if extra_hook > 0 else float("inf")
+    print(f"extra time of an AGVM iteration: hook {extra_hook * 1000:+.0f} ms ({extra_hook / med['plain'] / 10 * 100:+.2f} % "
+          f"amortized at τ=10 with ordinary iterations = plain), reference {extra_ref * 1000:+.0f} ms "
+          f"(reference / hook = {ratio:.1f}x)", flush=True)
+    return {"table": table, "extra_ratio": ratio}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
@@ -174,7 +202,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--per-rank", type=int, default=2, help="images per rank and iteration")
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "overhead_ddp.json"))
+    parser.add_argument("--report", action="store_true", help="only print the tables of the recorded --json")
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.json) as fh:
+            saved = json.load(fh)
+        print(f"{saved['command']}  ({saved['machine']}, {saved['date']})")
+        for rec in saved["records"]:
+            report(rec)
+        return 0
     records = []
     for model_name in args.models:
         for world in args.worlds:
@@ -185,29 +221,8 @@ def main(argv=None) -> int:
                                    args=(world, _free_port(), model_name, args.iters, args.warmup, args.per_rank, out))
                 with open(out) as fh:
                     res = json.load(fh)
-            med, g = res["median_s"], res["grad_bytes"]
-            rec = {"model": model_name, "world": world, "grad_MiB": g / 2**20, **res}
-            strategies = {
-                "plain DDP": (med["plain"], med["plain"], g, 0),
-                "agvm hook": (med["hook_agvm"], med["hook_ordinary"], 2 * g, res["rss_rise_bytes"]["hook_agvm"]),
-                "reference": (med["reference_agvm"], med["plain"], 3 * g, res["rss_rise_bytes"]["reference_agvm"]),
-            }
-            rec["table"] = {}
-            print(f"\n{model_name}, world {world}, gradients {g / 2**20:.1f} MiB")
-            print("| strategy | AGVM iter | ordinary iter | overhead τ=5 | overhead τ=10 | bytes / AGVM iter (extra) | peak RSS rise |")
-            print("|---|---|---|---|---|---|---|")
-            for name, (t_agvm, t_ord, nbytes, rss) in strategies.items():
-                amort = {tau: (t_agvm + (tau - 1) * t_ord) / (tau * med["plain"]) - 1 for tau in (5, 10)}
-                rec["table"][name] = {"agvm_s": t_agvm, "ordinary_s": t_ord, "amortized": amort, "bytes": nbytes, "rss_rise": rss}
-                print(f"| {name} | {t_agvm * 1000:.0f} ms | {t_ord * 1000:.0f} ms | {amort[5] * 100:+.2f} % | "
-                      f"{amort[10] * 100:+.2f} % | {nbytes / 2**20:.0f} MiB ({(nbytes - g) / 2**20:+.0f}) | {rss / 2**20:+.0f} MiB |")
-            extra_hook = med["hook_agvm"] - med["plain"]
-            extra_ref = med["reference_agvm"] - med["plain"]
-            ratio = extra_ref / extra_hook if extra_hook > 0 else float("inf")
-            print(f"extra time of an AGVM iteration: hook {extra_hook * 1000:+.0f} ms, reference {extra_ref * 1000:+.0f} ms "
-                  f"(reference / hook = {ratio:.1f}x); hook's measured half-group bytes: {res['hook_extra_bytes'] / 2**20:.1f} MiB\n",
-                  flush=True)
-            rec["extra_ratio"] = ratio
+            rec = {"model": model_name, "world": world, "grad_MiB": res["grad_bytes"] / 2**20, **res}
+            rec.update(report(rec))
             records.append(rec)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:

@@ -127,3 +127,10 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
 from datetime import timedelta  # noqa: E402
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+
+def die_on_rank_one():
+    """main_func for the launcher test: rank 1 dies, rank 0 waits in a collective."""
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 died on purpose")
+    dist.all_reduce(torch.ones(1))

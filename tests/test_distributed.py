@@ -167,3 +167,18 @@ def test_half_sizes():
     assert half_sizes(2) == (1, 1) and half_sizes(3) == (1, 2) and half_sizes(8) == (4, 4)
     with pytest.raises(ValueError, match="world size ≥ 2"):
         half_sizes(1)
+
+
+@pytest.mark.ddp
+def test_dead_rank_stops_the_job(monkeypatch):
+    """A rank that raises makes the job fail (the launcher reports it and stops the others)
+    instead of leaving rank 0 waiting in its collective."""
+    import time
+    from datetime import timedelta
+
+    from agvm.detectron2 import launch
+
+    start = time.time()
+    with pytest.raises(Exception, match="rank 1 died on purpose"):
+        launch(dist_worker.die_on_rank_one, 2, dist_url="auto", device="cpu", timeout=timedelta(seconds=30))
+    assert time.time() - start < 60
