@@ -15,8 +15,10 @@ iteration: one half-group all-reduce per bucket (none where a half is a single r
 small all-reduce; no all-gather of the gradient (the authors' release gathers the whole
 flattened gradient). Unequal halves (odd W)
 are exact. Ordinary iterations are a plain all-reduce of the mean (bit-identical to DDP's own),
-optionally fp16-compressed. The half-group collective is issued and awaited in the hook's own
-thread (deterministic bucket order on every rank); the ``then`` callbacks only compute.
+optionally fp16-compressed. Collectives are only issued from the hook itself, in bucket order
+(the same on every rank): bucket i's world all-reduce is started by the hook call of bucket
+i + 1, after bucket i's half-group result, so the half reductions overlap with the backward;
+the ``then`` callbacks only compute.
 Pure torch. (No ``from __future__ import annotations`` here: DDP checks the hook's
 annotations against ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``.)
 """
@@ -83,6 +85,7 @@ class AGVMHookState:
         self.estimate = False
         self._lock = threading.Lock()
         self._sums: Dict[str, torch.Tensor] = {}
+        self._pending = None  # the previous bucket of the current AGVM iteration
         self.bytes_extra = 0  # bytes reduced in half groups during the current AGVM iteration
         self.last_bytes_extra = 0  # ... and during the last finished one
 
@@ -102,6 +105,7 @@ class AGVMHookState:
         dist.all_reduce(table, group=self.group)
         table /= self.world
         self._sums = {}
+        self._pending = None
         self.estimate = False
         self.last_bytes_extra, self.bytes_extra = self.bytes_extra, 0
         return OrderedDict((m, (table[i, 0], table[i, 1], table[i, 2])) for i, m in enumerate(self.modules))
@@ -140,18 +144,38 @@ def agvm_comm_hook(state: AGVMHookState, bucket: dist.GradBucket) -> torch.futur
         buf.div_(state.world)
         fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
         return fut.then(lambda fut: fut.value()[0])
-    # AGVM iteration: the mean of the own half, in the hook's thread (deterministic order)
-    if state.n_own > 1:
-        dist.all_reduce(buf, group=state.own_group)
+    # AGVM iteration, pipelined in bucket order (the same sequence on every rank): this call
+    # starts its bucket's half-group all-reduce, then completes the previous bucket (waits for
+    # its half result, starts its world all-reduce), so each half reduction overlaps with the
+    # backward of the next bucket. The last bucket is completed at once.
+    work = dist.all_reduce(buf, group=state.own_group, async_op=True) if state.n_own > 1 else None
+    result = torch.futures.Future()
+    if state._pending is not None:
+        _start_world_reduction(state, *state._pending)
+    state._pending = (bucket, buf, work, result)
+    if bucket.is_last():
+        _start_world_reduction(state, *state._pending)
+        state._pending = None
+    return result
+
+
+def _start_world_reduction(state, bucket, buf, work, result) -> None:
+    """Finish ``bucket``'s half-group mean and start its world all-reduce; ``result`` gets the
+    ordinary DDP mean once it is done (and the bucket's statistics are accumulated)."""
+    if work is not None:
+        work.wait()
         state.bytes_extra += buf.numel() * buf.element_size()
     own = buf / state.n_own  # H_own, kept for the statistics (one copy of the bucket)
     # every rank adds H_own / W: the world sum is (n_a·H_a + n_b·H_b) / W, plain DDP's mean
     buf.div_(state.n_own * state.world)
     fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
 
-    def accumulate(fut):
-        full = fut.value()[0]
-        state._accumulate(bucket, own, full)
-        return full
+    def done(fut):
+        try:
+            full = fut.value()[0]
+            state._accumulate(bucket, own, full)
+            result.set_result(full)
+        except Exception as e:  # never leave DDP waiting on a future that cannot complete
+            result.set_exception(e)
 
-    return fut.then(accumulate)
+    fut.then(done)
