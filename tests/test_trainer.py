@@ -171,3 +171,20 @@ def test_resume_continues_exactly(tiny_shapes):
     for it in range(4, 8):
         assert second.losses[it] == pytest.approx(full.losses[it], rel=1e-5, abs=1e-6), it
         assert second.mus[it] == pytest.approx(full.mus[it], rel=1e-5), it
+
+
+def test_unsmoothed_backlog_between_writes():
+    from detectron2.utils.events import EventStorage
+
+    from agvm.detectron2.trainer import _unsmoothed_backlog
+
+    with EventStorage(0) as storage:
+        for it in (1, 3, 5):
+            storage.iter = it
+            storage.put_scalars(smoothing_hint=False, **{"agvm/mu/x": it / 10, "other": it})
+        assert _unsmoothed_backlog(storage, -1) == {1: {"agvm/mu/x": 0.1}, 3: {"agvm/mu/x": 0.3}}
+        assert _unsmoothed_backlog(storage, 5) == {}
+        for it in (7, 9):
+            storage.iter = it
+            storage.put_scalars(smoothing_hint=False, **{"agvm/mu/x": it / 10})
+        assert _unsmoothed_backlog(storage, 5) == {7: {"agvm/mu/x": 0.7}}  # 9 is the latest

@@ -309,10 +309,13 @@ def _unsmoothed_backlog(storage, last_write: int):
     for key, history in storage.histories().items():
         if not key.startswith(EXACT_PREFIX) or storage.smoothing_hints().get(key, True):
             continue
-        values = history.values()
-        for value, it in values[:-1]:
-            if it > last_write:
-                backlog.setdefault(int(it), {})[key] = value
+        values = history.values()  # fvcore's own list, oldest first: no copy
+        # newest first (the latest excluded), stopping at the last write: O(new entries)
+        i = len(values) - 2
+        while i >= 0 and values[i][1] > last_write:
+            value, it = values[i]
+            backlog.setdefault(int(it), {})[key] = value
+            i -= 1
     return backlog
 
 
