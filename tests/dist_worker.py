@@ -111,12 +111,15 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
             trainer = DefaultTrainer(cfg)
     else:
         trainer = AGVMTrainer(cfg)
+    checks = []
+    if mode == "agvm":
+        checks = _check_phi_against_gathered_gradients(trainer)
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     hook = getattr(trainer._trainer, "hook_state", None)
     torch.save(
-        {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None,
+        {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None, "checks": checks,
          "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None)},
         os.path.join(out_dir, f"det_{mode}_{rank}.pt"),
     )
@@ -134,3 +137,74 @@ def die_on_rank_one():
     if dist.get_rank() == 1:
         raise RuntimeError("rank 1 died on purpose")
     dist.all_reduce(torch.ones(1))
+
+
+def _check_phi_against_gathered_gradients(trainer):
+    """Before each AGVM step, compute every rank's local gradient on the same data and RNG
+    state without DDP, gather them, and Φ per module from the two halves' means; after the
+    step, record (reference Φ, hook Φ) pairs."""
+    from agvm.distributed import half_sizes
+
+    step = trainer._trainer
+    ddp, agvm = step.model, step.optimizer
+    world = dist.get_world_size()
+    n_a, _ = half_sizes(world)
+    checks = []
+    real_run_step = step.run_step
+
+    def replay(data):
+        real = step._data_loader_iter
+        step._data_loader_iter = iter([data])
+        try:
+            real_run_step()
+        finally:
+            step._data_loader_iter = real
+
+    def run_step():
+        data = next(step._data_loader_iter)
+        if not agvm.should_estimate(step.iter):
+            return replay(data)
+        rng = torch.get_rng_state()
+        # The first forward/backward after a step gives slightly different gradients from the
+        # following ones on the same data and RNG state (seen on detectron2 0.6 on CPU); the
+        # real step is a following one, so one discarded pass precedes the reference pass.
+        local = None
+        for _ in range(2):
+            with ddp.no_sync():
+                sum(ddp(data).values()).backward()
+            local = {m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
+                     for m, ps in agvm.params_by_module().items()}
+            agvm.zero_grad()
+            torch.set_rng_state(rng)
+        reference = {}
+        for m, grads in local.items():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            g1 = sum(gathered[:n_a]) / n_a
+            g2 = sum(gathered[n_a:]) / (world - n_a)
+            g1, g2 = g1.double(), g2.double()  # an exact reference: float64 throughout
+            reference[m] = 1.0 - float(g1 @ g2 / (g1.norm() * g2.norm()))
+        # the step's own mean gradient vs the mean of the gathered local gradients
+        import copy as _copy
+        saved_step = agvm.step
+        captured = {}
+
+        def capture_step(*a, **k):
+            for m, ps in agvm.params_by_module().items():
+                captured[m] = torch.cat([p.grad.reshape(-1) for p in ps])
+            return saved_step(*a, **k)
+
+        agvm.step = capture_step
+        replay(data)
+        del agvm.step
+        for m, grads in local.items():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            mean = sum(gathered) / world
+            reference[m + "_meandiff"] = float((mean - captured[m]).abs().max())
+        checks.append((step.iter, reference, dict(agvm.modulator.phi)))
+
+    step.run_step = run_step
+    return checks

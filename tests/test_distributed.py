@@ -122,6 +122,14 @@ def test_mini_detector_under_ddp(tmp_path):
     datasets = tmp_path / "datasets"
     agvm_runs = _spawn_detector(2, tmp_path, "agvm", datasets)
     assert all(r["hook"] for r in agvm_runs) and agvm_runs[0]["skipped"] == 0
+    # Φ from the hook = Φ from the gathered local gradients of the same step, split the same way
+    checks = agvm_runs[0]["checks"]
+    assert [it for it, _, _ in checks] == [1, 3]
+    for it, reference, hooked in checks:
+        for m in ("backbone", "neck", "rpn", "box_head"):
+            # the reference gradients are the ones the step used: their mean is DDP's mean
+            assert reference[m + "_meandiff"] < 1e-5, (it, m, reference)
+            assert hooked[m] == pytest.approx(reference[m], rel=1e-5), (it, m)
     assert all(torch.equal(a, b) for a, b in zip(agvm_runs[0]["params"], agvm_runs[1]["params"]))
     with open(tmp_path / "agvm" / "metrics.json") as f:
         records = [json.loads(line) for line in f if line.strip()]

@@ -116,10 +116,12 @@ class AGVMHookState:
         partial: Dict[str, torch.Tensor] = {}
         for p in bucket.parameters():
             n = p.numel()
-            a = own[offset:offset + n].float()
-            f = full[offset:offset + n].float()
+            # float64: the other half's statistics are differences of these sums, which cancel
+            # when the halves agree (small Φ); float32 sums lose 1e-4 of Φ there
+            a = own[offset:offset + n].double()
+            f = full[offset:offset + n].double()
             offset += n
-            terms = torch.stack([torch.dot(a, f), torch.dot(a, a), torch.dot(f, f)]).double()
+            terms = torch.stack([torch.dot(a, f), torch.dot(a, a), torch.dot(f, f)])
             m = self.module_of[id(p)]
             partial[m] = terms if m not in partial else partial[m] + terms
         with self._lock:
