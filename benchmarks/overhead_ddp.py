@@ -76,7 +76,7 @@ def _build(model_name, per_rank):
     return model, batches, modules
 
 
-def _reference_agvm_step(model, data, n_a, group_own, group_pair, in_pair):
+def _reference_agvm_step(model, data, group_own, group_pair, in_pair):
     with model.no_sync():
         losses = model(data)
         sum(losses.values()).backward()
@@ -134,7 +134,7 @@ def worker(rank, world, port, model_name, iters, warmup, per_rank, out_path):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         if flavour == "reference_agvm":
-            _reference_agvm_step(model, data, n_a, group_own, group_pair, rank in (0, n_a))
+            _reference_agvm_step(model, data, group_own, group_pair, rank in (0, n_a))
         else:
             state.estimate = flavour == "hook_agvm"
             losses = model(data)

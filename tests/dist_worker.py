@@ -176,17 +176,16 @@ def _check_phi_against_gathered_gradients(trainer):
                      for m, ps in agvm.params_by_module().items()}
             agvm.zero_grad()
             torch.set_rng_state(rng)
-        reference = {}
+        reference, means = {}, {}
         for m, grads in local.items():
             flat = torch.cat([g.reshape(-1) for g in grads])
             gathered = [torch.empty_like(flat) for _ in range(world)]
             dist.all_gather(gathered, flat)
-            g1 = sum(gathered[:n_a]) / n_a
-            g2 = sum(gathered[n_a:]) / (world - n_a)
-            g1, g2 = g1.double(), g2.double()  # an exact reference: float64 throughout
+            means[m] = sum(gathered) / world
+            g1 = (sum(gathered[:n_a]) / n_a).double()  # an exact reference: float64 throughout
+            g2 = (sum(gathered[n_a:]) / (world - n_a)).double()
             reference[m] = 1.0 - float(g1 @ g2 / (g1.norm() * g2.norm()))
         # the step's own mean gradient vs the mean of the gathered local gradients
-        import copy as _copy
         saved_step = agvm.step
         captured = {}
 
@@ -198,11 +197,7 @@ def _check_phi_against_gathered_gradients(trainer):
         agvm.step = capture_step
         replay(data)
         del agvm.step
-        for m, grads in local.items():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            mean = sum(gathered) / world
+        for m, mean in means.items():
             reference[m + "_meandiff"] = float((mean - captured[m]).abs().max())
         checks.append((step.iter, reference, dict(agvm.modulator.phi)))
 

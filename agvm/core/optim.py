@@ -220,18 +220,21 @@ class AGVM(Optimizer):
                 else:
                     p.grad.add_(g1).mul_(0.5)
         self._stash = {}
+        return self.update_from_stats(iteration, stats, skip_if_nonfinite)
+
+    def update_from_stats(
+        self, iteration: int, stats: Mapping[str, GradientStats], skip_if_nonfinite: bool = False
+    ) -> Dict[str, Dict[str, float]]:
+        """Update μ from per-module ``(⟨G1,G2⟩, ‖G1‖², ‖G2‖²)`` measured at ``iteration``
+        (the entry point of a distributed implementation that reduces these sums itself).
+        ``skip_if_nonfinite``: as in :meth:`finish_second_half`.
+
+        Returns ``{"phi": {module: Φ}, "mu": {module: μ}}``.
+        """
         if skip_if_nonfinite and not all(bool(torch.isfinite(torch.stack(s)).all()) for s in stats.values()):
             self.modulator.skip(iteration)
             nan = float("nan")
             return {"phi": {m: nan for m in stats}, "mu": dict(self.modulator.mu)}
-        return self.update_from_stats(iteration, stats)
-
-    def update_from_stats(self, iteration: int, stats: Mapping[str, GradientStats]) -> Dict[str, Dict[str, float]]:
-        """Update μ from per-module ``(⟨G1,G2⟩, ‖G1‖², ‖G2‖²)`` measured at ``iteration``
-        (the entry point of a distributed implementation that reduces these sums itself).
-
-        Returns ``{"phi": {module: Φ}, "mu": {module: μ}}``.
-        """
         phi = {m: variance_from_stats(*s) for m, s in stats.items()}
         mu = self.modulator.update(iteration, phi)
         return {"phi": phi, "mu": mu}

@@ -164,12 +164,7 @@ class AGVMStepTrainer(SimpleTrainer):
             scale = float(self.grad_scaler.get_scale()) if self.amp else 1.0
             self._log_agvm(agvm.finish_second_half(iteration, grad_scale=1.0 / scale, skip_if_nonfinite=self.amp))
         elif estimate:
-            stats = self.hook_state.finish()
-            if self.amp and not all(bool(torch.isfinite(torch.stack(v)).all()) for v in stats.values()):
-                agvm.modulator.skip(iteration)
-                self._log_agvm({"phi": {}, "mu": agvm.mu})
-            else:
-                self._log_agvm(agvm.update_from_stats(iteration, stats))
+            self._log_agvm(agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp))
         self._write_metrics(totals, data_time)
         self._clip(iteration)
         if self.amp:
