@@ -129,7 +129,9 @@ def test_mini_detector_under_ddp(tmp_path):
         for m in ("backbone", "neck", "rpn", "box_head"):
             # the reference gradients are the ones the step used: their mean is DDP's mean
             assert reference[m + "_meandiff"] < 1e-5, (it, m, reference)
-            assert hooked[m] == pytest.approx(reference[m], rel=1e-5), (it, m)
+            # the issue asks for 1e-5; the distance form measured 3.4e-7 at worst (box_head,
+            # Φ ≈ 0.013), where forms built on ⟨H_own, f⟩ or ‖f‖² lost 5e-6 to 1e-5
+            assert hooked[m] == pytest.approx(reference[m], rel=2e-6), (it, m, hooked[m], reference[m])
     assert all(torch.equal(a, b) for a, b in zip(agvm_runs[0]["params"], agvm_runs[1]["params"]))
     with open(tmp_path / "agvm" / "metrics.json") as f:
         records = [json.loads(line) for line in f if line.strip()]

@@ -5,7 +5,7 @@ Importing this package imports detectron2 (``agvm.core`` does not).
 
 from .build import agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
 from .config import OPTIMIZERS, add_agvm_config
-from .engine import build_evaluator, default_argument_parser, print_results, setup_cfg
+from .engine import build_evaluator, default_argument_parser, print_results, setup_cfg, train_or_evaluate
 from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
 from .launch import launch
 from .trainer import AGVMStepTrainer, AGVMTrainer, ResumableTrainingSampler, Trainer, install_agvm_hook, split_batch
@@ -32,4 +32,5 @@ __all__ = [
     "print_results",
     "setup_cfg",
     "split_batch",
+    "train_or_evaluate",
 ]

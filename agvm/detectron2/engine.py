@@ -6,6 +6,7 @@ Each project's ``train_net.py`` stays thin (detectron2's convention: a Trainer s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -20,19 +21,20 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import (
     COCOEvaluator,
-    COCOPanopticEvaluator,
     DatasetEvaluator,
     DatasetEvaluators,
     SemSegEvaluator,
 )
 
+from ..data.builtin import check_datasets
 from ..data.register import prepare_datasets, register_shapes
+from ..evaluation import PanopticQualityEvaluator
 from ..solver import scale_lr
 from .config import add_agvm_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "default_argument_parser", "print_results", "setup_cfg"]
+__all__ = ["build_evaluator", "default_argument_parser", "print_results", "setup_cfg", "train_or_evaluate"]
 
 
 def default_argument_parser(epilog: Optional[str] = None):
@@ -50,7 +52,9 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     other than "none", ``SOLVER.BASE_LR`` is set by :func:`agvm.solver.scale_lr` from the
     reference batch and lr to ``SOLVER.IMS_PER_BATCH``. When the config asks for CUDA and no GPU is
     present, ``MODEL.DEVICE`` falls back to ``"cpu"`` with a warning, so every config runs on a
-    CPU-only machine. Registers the embedded ``shapes_*`` datasets. ``args`` is the namespace of
+    CPU-only machine. Registers the embedded ``shapes_*`` datasets, and raises
+    :class:`agvm.data.builtin.DatasetNotFoundError` when a builtin dataset (COCO, ADE20K) of
+    ``DATASETS.TRAIN``/``TEST`` is not on disk. ``args`` is the namespace of
     :func:`default_argument_parser`.
     """
     register_shapes()
@@ -66,6 +70,8 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
         cfg.SOLVER.BASE_LR = scale_lr(
             scaling.REFERENCE_LR, scaling.REFERENCE_IMS_PER_BATCH, cfg.SOLVER.IMS_PER_BATCH, scaling.RULE
         )
+    # a missing COCO / ADE20K fails here, saying where it was looked for and how to prepare it
+    check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     fell_back = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if fell_back:
         cfg.MODEL.DEVICE = "cpu"
@@ -82,10 +88,13 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
     """The evaluator(s) for ``dataset_name``, chosen by its metadata's ``evaluator_type``.
 
     ``coco`` → COCO box (and mask/keypoint, as the model predicts) AP; ``sem_seg`` → mIoU;
-    ``coco_panoptic_seg`` → PQ, plus COCO AP and mIoU of its instance and semantic parts.
+    ``coco_panoptic_seg`` → PQ (:class:`agvm.evaluation.PanopticQualityEvaluator`, the COCO
+    panoptic rules without ``panopticapi``), plus COCO AP and mIoU of its instance and
+    semantic parts.
     Results go to ``output_folder`` (default ``<OUTPUT_DIR>/inference``).
     """
     prepare_datasets([dataset_name])
+    check_datasets([dataset_name])
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
@@ -95,7 +104,7 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
     if evaluator_type in ("coco", "coco_panoptic_seg"):
         evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == "coco_panoptic_seg":
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+        evaluators.append(PanopticQualityEvaluator(dataset_name, output_folder))
     if not evaluators:
         raise ValueError(
             f"no evaluator for dataset {dataset_name!r} with evaluator_type={evaluator_type!r}; "
@@ -123,3 +132,28 @@ def print_results(results: Mapping, metrics=("AP", "mIoU", "PQ")) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def train_or_evaluate(cfg: CfgNode, args, trainer_cls) -> Mapping:
+    """The body of every project's ``main()``: with ``args.eval_only``, load ``MODEL.WEIGHTS``
+    and evaluate; otherwise train with ``trainer_cls`` (resuming with ``args.resume``) and
+    evaluate at the end. Prints one line per metric and writes ``<OUTPUT_DIR>/eval_results.json``
+    (``{task: {metric: value}}``, main process). Returns the results."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    if args.eval_only:
+        model = trainer_cls.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = trainer_cls.test(cfg, model)
+    else:
+        trainer = trainer_cls(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        results = getattr(trainer, "_last_eval_results", None) or {}
+    if comm.is_main_process():
+        print_results(results)
+        if cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    return results

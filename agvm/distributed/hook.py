@@ -3,13 +3,17 @@
 On an AGVM iteration every bucket is reduced twice: first inside the rank's own half of the
 world (ranks ``[0, n_a)`` are half a, ``[n_a, W)`` half b; mean ``H_own`` over its ``n_own``
 ranks), then over the world, each rank contributing ``H_own / W``, which sums to the ordinary
-DDP mean ``f = (n_a·H_a + n_b·H_b) / W``. The bucket returns ``f``, so the step is plain DDP's.
-Per module, three float64 sums accumulate as buckets complete: ⟨H_own, f⟩, ‖H_own‖², ‖f‖².
-The other half's statistics follow without materialising ``H_other = (W·f − n_own·H_own) / n_other``:
+DDP mean ``f = (n_a·H_a + n_b·H_b) / W``. The world all-reduce runs on a new tensor, so the
+bucket keeps ``n_own·H_own`` without a copy; the hook returns ``f`` and the step is plain DDP's.
+Per module, float64 sums of ‖H_own‖² and of ‖H_own − f‖² accumulate as buckets complete (the
+ranks of a half hold the same ``H_own`` and split that work). With ``D = H_a − H_b``,
+``H_a − f = n_b·D / W`` and ``H_b − f = −n_a·D / W``, so summing ‖H_own − f‖² over all ranks
 
-    ⟨H_own, H_other⟩ = (W⟨H_own, f⟩ − n_own‖H_own‖²) / n_other
-    ‖H_other‖²       = (W²‖f‖² − 2W·n_own⟨H_own, f⟩ + n_own²‖H_own‖²) / n_other²
+    Σ_ranks ‖H_own − f‖² = n_a·n_b·‖D‖² / W,        ⟨H_a, H_b⟩ = (‖H_a‖² + ‖H_b‖² − ‖D‖²) / 2
 
+gives ‖D‖² directly (no cancellation at small Φ), and the float32 rounding of ``f`` cancels to
+first order between the two halves (it shifts both distances in opposite directions). Only
+squared norms are taken (fast, accurately summed reductions);
 and one small all-reduce of those numbers makes every rank agree. Extra communication per AGVM
 iteration: one half-group all-reduce per bucket (none where a half is a single rank) plus that
 small all-reduce; no all-gather of the gradient (the authors' release gathers the whole
@@ -35,31 +39,26 @@ from ..core.variance import GradientStats
 __all__ = ["AGVMHookState", "agvm_comm_hook", "half_sizes"]
 
 
-_CHUNK = 4096  # elements per float32 partial sum in _sums_of_products
+_CHUNK = 4096  # elements per float32 partial norm in _squared_norm
 
 
-def _sums_of_products(a: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """float64 ``[⟨a, f⟩, ‖a‖², ‖f‖²]`` of two flat tensors: float32 dot products over chunks of
-    4096 elements, summed in float64 (relative error ~1e-9, 3× faster than float64 throughout).
-
-    The other half's statistics are differences of these sums, which cancel when the halves
-    agree (small Φ): plain float32 dot products over whole tensors lost ~1e-4 of Φ there.
-    """
-    a, f = a.float(), f.float()
-    n = a.numel()
+def _squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``‖x‖²`` of a flat tensor: float32 norms of 4096-element chunks, summed in
+    float64 (relative error ~1e-9; a plain float32 dot over millions of elements is off by ~1e-5)."""
+    x = x.float()
+    n = x.numel()
     head = n - n % _CHUNK
-    out = torch.zeros(3, dtype=torch.float64, device=a.device)
+    out = torch.zeros((), dtype=torch.float64, device=x.device)
     if head:
-        x, y = a[:head].view(-1, _CHUNK), f[:head].view(-1, _CHUNK)
-        out += torch.stack([
-            torch.linalg.vecdot(x, y).double().sum(),
-            torch.linalg.vecdot(x, x).double().sum(),
-            torch.linalg.vecdot(y, y).double().sum(),
-        ])
+        out += torch.linalg.vector_norm(x[:head].view(-1, _CHUNK), dim=1).double().square().sum()
     if head < n:
-        x, y = a[head:], f[head:]
-        out += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)]).double()
+        out += torch.linalg.vector_norm(x[head:]).double().square()
     return out
+
+
+def _share(n: int, index: int, parts: int) -> slice:
+    """The ``index``-th of ``parts`` contiguous, nearly equal slices of ``range(n)``."""
+    return slice(n * index // parts, n * (index + 1) // parts)
 
 
 def half_sizes(world_size: int):
@@ -113,6 +112,8 @@ class AGVMHookState:
         self._lock = threading.Lock()
         self._sums: Dict[str, torch.Tensor] = {}
         self._pending = None  # the previous bucket of the current AGVM iteration
+        self._mean_buffers: Dict[int, torch.Tensor] = {}  # CPU: bucket index -> world-mean tensor
+        self._range_cache: Dict[tuple, list] = {}
         self.bytes_extra = 0  # bytes reduced in half groups during the current AGVM iteration
         self.last_bytes_extra = 0  # ... and during the last finished one
 
@@ -120,32 +121,68 @@ class AGVMHookState:
     def finish(self) -> "OrderedDict[str, GradientStats]":  # noqa: F821
         """Per-module ``(⟨G1, G2⟩, ‖G1‖², ‖G2‖²)`` of the AGVM iteration that just ended, the
         same on every rank (a collective: every rank must call it). Resets the sums."""
-        w, n_own, n_other = float(self.world), float(self.n_own), float(self.n_other)
-        rows = []
-        for m in self.modules:
-            own_f, own_sq, f_sq = (self._sums[m] if m in self._sums else torch.zeros(3, dtype=torch.float64)).tolist()
-            dot = (w * own_f - n_own * own_sq) / n_other
-            other_sq = (w * w * f_sq - 2 * w * n_own * own_f + n_own * n_own * own_sq) / (n_other * n_other)
-            first_sq, second_sq = (own_sq, other_sq) if self.in_first_half else (other_sq, own_sq)
-            rows.append([dot, first_sq, second_sq])
-        table = torch.tensor(rows, dtype=torch.float64).reshape(len(self.modules), 3)
+        # columns ‖H_a‖², ‖H_b‖², Σ_ranks ‖H_own − f‖², each summed from the ranks' disjoint shares
+        table = torch.zeros(len(self.modules), 3, dtype=torch.float64)
+        col = 0 if self.in_first_half else 1
+        for i, m in enumerate(self.modules):
+            if m in self._sums:
+                own_sq, dist_sq = self._sums[m]
+                table[i, col], table[i, 2] = own_sq, dist_sq * self.n_own  # the half's ranks split it
         dist.all_reduce(table, group=self.group)
-        table /= self.world
+        n_a, n_b, w = float(self.n_a), float(self.n_b), float(self.world)
+        first_sq, second_sq = table[:, 0], table[:, 1]
+        diff_sq = table[:, 2] * w / (n_a * n_b)  # ‖H_a − H_b‖²
+        dot = (first_sq + second_sq - diff_sq) / 2.0
         self._sums = {}
         self._pending = None
         self.estimate = False
         self.last_bytes_extra, self.bytes_extra = self.bytes_extra, 0
-        return OrderedDict((m, (table[i, 0], table[i, 1], table[i, 2])) for i, m in enumerate(self.modules))
+        return OrderedDict((m, (dot[i], first_sq[i], second_sq[i])) for i, m in enumerate(self.modules))
 
     # ------------------------------------------------------------------ inside the hook
-    def _accumulate(self, bucket: dist.GradBucket, own: torch.Tensor, full: torch.Tensor) -> None:
-        offset = 0
+    def _mean_buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like bucket ``index`` for its world mean. On CPU it is kept between
+        AGVM iterations (a fresh one costs page faults: ~3× the division itself); CUDA's
+        caching allocator makes a fresh one free and keeps the memory for ordinary iterations."""
+        if like.device.type != "cpu":
+            return torch.empty_like(like)
+        buf = self._mean_buffers.get(index)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._mean_buffers[index] = torch.empty_like(like)
+        return buf
+
+    def _ranges(self, bucket: dist.GradBucket):
+        """``[(module, start, stop)]``: the bucket cut into runs of consecutive parameters of
+        one module (usually a single run), cached per bucket layout."""
+        params = bucket.parameters()
+        key = (bucket.index(), tuple(id(p) for p in params))
+        ranges = self._range_cache.get(key)
+        if ranges is None:
+            ranges, offset = [], 0
+            for p in params:
+                m, n = self.module_of[id(p)], p.numel()
+                if ranges and ranges[-1][0] == m:
+                    ranges[-1][2] += n
+                else:
+                    ranges.append([m, offset, offset + n])
+                offset += n
+            self._range_cache[key] = ranges
+        return ranges
+
+    def _accumulate(self, bucket: dist.GradBucket, half_sum: torch.Tensor, full: torch.Tensor) -> None:
+        """Add this rank's share of each module's ``[‖H_own‖², ‖H_own − f‖²]`` in the bucket
+        (``half_sum`` = n_own·H_own and ``full`` = f, bucket-shaped) to the module's sums.
+        Overwrites ``half_sum`` with n_own·(H_own − f)."""
+        index = self.rank if self.in_first_half else self.rank - self.n_a
+        k = self.n_own
         partial: Dict[str, torch.Tensor] = {}
-        for p in bucket.parameters():
-            n = p.numel()
-            terms = _sums_of_products(own[offset:offset + n], full[offset:offset + n])
-            offset += n
-            m = self.module_of[id(p)]
+        for m, start, stop in self._ranges(bucket):
+            share = _share(stop - start, index, k)  # the half's ranks hold the same H_own
+            lo, hi = start + share.start, start + share.stop
+            own = half_sum[lo:hi]
+            own_sq = _squared_norm(own)
+            dist_sq = _squared_norm(own.sub_(full[lo:hi], alpha=k))
+            terms = torch.stack([own_sq, dist_sq]) / (k * k)
             partial[m] = terms if m not in partial else partial[m] + terms
         with self._lock:
             for m, t in partial.items():
@@ -172,9 +209,14 @@ def agvm_comm_hook(state: AGVMHookState, bucket: dist.GradBucket) -> torch.futur
     # AGVM iteration, pipelined in bucket order (the same sequence on every rank): this call
     # starts its bucket's half-group all-reduce, then completes the previous bucket (waits for
     # its half result, starts its world all-reduce), so each half reduction overlaps with the
-    # backward of the next bucket. The last bucket is completed at once.
-    work = dist.all_reduce(buf, group=state.own_group, async_op=True) if state.n_own > 1 else None
+    # backward of the next bucket. The last bucket is completed at once. A rank alone in its
+    # half has no half reduction and starts the world all-reduce at once (the world group still
+    # sees every rank's buckets in the same order).
     result = torch.futures.Future()
+    if state.n_own == 1:  # nothing to reduce in the half: straight to the world all-reduce
+        _start_world_reduction(state, bucket, buf, None, result)
+        return result
+    work = dist.all_reduce(buf, group=state.own_group, async_op=True)
     if state._pending is not None:
         _start_world_reduction(state, *state._pending)
     state._pending = (bucket, buf, work, result)
@@ -190,15 +232,15 @@ def _start_world_reduction(state, bucket, buf, work, result) -> None:
     if work is not None:
         work.wait()
         state.bytes_extra += buf.numel() * buf.element_size()
-    own = buf / state.n_own  # H_own, kept for the statistics (one copy of the bucket)
-    # every rank adds H_own / W: the world sum is (n_a·H_a + n_b·H_b) / W, plain DDP's mean
-    buf.div_(state.n_own * state.world)
-    fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
+    # every rank adds H_own / W: the world sum is (n_a·H_a + n_b·H_b) / W, plain DDP's mean. A
+    # new tensor, so that buf keeps the half's sum n_own·H_own for the statistics.
+    mean = torch.div(buf, state.n_own * state.world, out=state._mean_buffer(bucket.index(), buf))
+    fut = dist.all_reduce(mean, group=state.group, async_op=True).get_future()
 
     def done(fut):
         try:
             full = fut.value()[0]
-            state._accumulate(bucket, own, full)
+            state._accumulate(bucket, buf, full)
             result.set_result(full)
         except Exception as e:  # never leave DDP waiting on a future that cannot complete
             result.set_exception(e)

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""RetinaNet R18 at extreme batch sizes (the paper's RetinaNet rows) with AGVM on detectron2.
+
+    python projects/retinanet/train_net.py --config-file projects/retinanet/configs/mini/retinanet_R18_FPN_shapes.yaml
+    python projects/retinanet/train_net.py --config-file projects/retinanet/configs/<cell>.yaml --num-gpus 8
+    python projects/retinanet/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+
+Evaluation: COCO box AP, chosen by the test dataset's evaluator_type. Runs on CPU when there is
+no GPU; with MODEL.DEVICE cpu, --num-gpus N starts N CPU processes (gloo); torchrun / srun
+processes join directly. See projects/retinanet/README.md.
+"""
+
+import agvm  # noqa: F401  (first: detectron2 0.6 compatibility patches)
+
+from agvm.detectron2 import AGVMTrainer, default_argument_parser, launch, setup_cfg, train_or_evaluate
+
+
+class Trainer(AGVMTrainer):
+    """AGVM when SOLVER.AGVM.ENABLED (else the plain optimizer of SOLVER.OPTIMIZER)."""
+
+
+def setup(args):
+    return setup_cfg(args)
+
+
+def main(args):
+    return train_or_evaluate(setup(args), args, Trainer)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

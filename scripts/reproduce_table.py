@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Run (or print) every cell of a paper table and write the comparison table as markdown.
+
+    python scripts/reproduce_table.py --table faster_rcnn --scale mini              # run, on CPU
+    python scripts/reproduce_table.py --table all --scale mini --dry-run            # list commands
+    python scripts/reproduce_table.py --table mask_rcnn --scale full --num-gpus 8 b512_agvm b512_megdet
+    python scripts/reproduce_table.py --table mask_rcnn --scale full --launcher machines \\
+        --num-machines 4 --machine-rank 0 --dist-url tcp://node0:29500 --num-gpus 8
+    python scripts/reproduce_table.py --table panoptic_fpn --scale full --launcher slurm \\
+        --num-machines 4 --num-gpus 8                                                 # inside salloc/sbatch
+    python scripts/reproduce_table.py --table faster_rcnn --scale mini --report-only   # table from existing runs
+
+Cells (``agvm.tables``) run one after another (``--jobs N`` runs N at once on one machine, each
+with its share of the CPU threads), each into ``<output-root>/<table>/<scale>/<cell>`` with its
+console output in ``stdout.log`` and ``agvm_run.json`` (command, exit code, wall time, machine).
+Finished cells (a final metric) are skipped unless ``--rerun``; a failed cell is reported and
+the others go on. Afterwards the comparison table (measured vs paper, Δ, status, time) is
+written to ``projects/<table>/results/<scale>.md`` (``--results`` to change; not in --dry-run).
+Trailing ``KEY VALUE`` pairs override every cell's config (e.g. ``MODEL.DEVICE cuda``).
+Launchers: ``local`` (this machine, ``--num-gpus`` processes), ``machines`` (this machine is
+``--machine-rank`` of ``--num-machines``; run the same command on each), ``slurm`` (``srun`` with
+``--num-machines`` nodes × ``--num-gpus`` tasks; run inside an allocation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from agvm.results import cell_output_dir, cell_result, comparison_rows, rows_to_markdown  # noqa: E402
+from agvm.tables import TABLES, Cell, Table, get_table  # noqa: E402
+
+SLURM_MASTER = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, help=f"one of {', '.join(TABLES)}, or 'all'")
+    p.add_argument("--scale", required=True, choices=("mini", "full"), help="mini: embedded dataset, CPU; full: the paper's")
+    p.add_argument("cells", nargs="*", metavar="CELL", help="cells to run (default: every cell of the table)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
+    p.add_argument("--report-only", action="store_true", help="run nothing; write the table from existing output")
+    p.add_argument("--launcher", choices=("local", "machines", "slurm"), default="local")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; CPU processes on CPU); default 1")
+    p.add_argument("--num-machines", type=int, default=1, help="machines (slurm: nodes); default 1")
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (launcher 'machines'); default 0")
+    p.add_argument("--dist-url", default="auto", help="tcp://host:port of machine 0 (launcher 'machines')")
+    p.add_argument("--srun-args", default="", help="extra srun arguments, e.g. '--partition=gpu --time=24:00:00'")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once on this machine (local launcher); default 1")
+    p.add_argument("--output-root", default="output", help="folder of the cells' output folders; default ./output")
+    p.add_argument("--results", default=None, help="markdown file; default projects/<table>/results/<scale>.md")
+    p.add_argument("--rerun", action="store_true", help="run cells that already have a final metric again")
+    p.add_argument("--python", default=sys.executable, help="interpreter for train_net.py; default this one")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="'--' then KEY VALUE pairs for every cell")
+    args = p.parse_args(argv)
+    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
+    if len(opts) % 2:
+        p.error(f"overrides must be KEY VALUE pairs, got {opts}")
+    args.opts = opts
+    for name in ("num_gpus", "num_machines", "jobs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.launcher == "machines" and (args.num_machines < 2 or args.dist_url == "auto"):
+        p.error("--launcher machines needs --num-machines ≥ 2 and --dist-url tcp://<machine 0>:<port>")
+    if args.table != "all" and args.table not in TABLES:
+        p.error(f"unknown --table {args.table!r}; known: {', '.join(TABLES)}, all")
+    return args
+
+
+def cell_command(args, table: Table, cell: Cell) -> List[str]:
+    """The command line that trains and evaluates ``cell``."""
+    out = cell_output_dir(args.output_root, table.name, args.scale, cell.name)
+    cmd = [args.python, f"projects/{table.name}/train_net.py", "--config-file", table.config_path(cell, args.scale)]
+    if args.launcher == "slurm":
+        cmd += ["--dist-url", f"tcp://{SLURM_MASTER}:29500"]
+        srun = ["srun", f"--nodes={args.num_machines}", f"--ntasks-per-node={args.num_gpus}",
+                f"--gpus-per-node={args.num_gpus}", *shlex.split(args.srun_args)]
+        cmd = srun + cmd
+    else:
+        cmd += ["--num-gpus", str(args.num_gpus)]
+        if args.launcher == "machines":
+            cmd += ["--num-machines", str(args.num_machines), "--machine-rank", str(args.machine_rank),
+                    "--dist-url", args.dist_url]
+    return cmd + ["OUTPUT_DIR", out] + list(args.opts)
+
+
+def shell_line(cmd: List[str]) -> str:
+    """``cmd`` as one shell line (the SLURM master-host substitution left unquoted)."""
+    return " ".join(c if SLURM_MASTER in c else shlex.quote(c) for c in cmd)
+
+
+def machine() -> str:
+    """A short description of this machine (CPU, GPU) for the records."""
+    desc = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    try:
+        import torch
+
+        desc += f", torch {torch.__version__}"
+        if torch.cuda.is_available():
+            desc += f", {torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
+    except ImportError:  # pragma: no cover
+        pass
+    return desc
+
+
+def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
+    """Run one cell to completion; write its ``agvm_run.json``; return it."""
+    out = cell_output_dir(args.output_root, table.name, args.scale, cell.name)
+    os.makedirs(out, exist_ok=True)
+    cmd = cell_command(args, table, cell)
+    line = shell_line(cmd)
+    record = {"table": table.name, "scale": args.scale, "cell": cell.name, "command": line,
+              "machine": machine(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    if args.launcher == "slurm":
+        host = subprocess.run(["bash", "-c", SLURM_MASTER[2:-1]], capture_output=True, text=True)
+        if host.returncode != 0 or not host.stdout.strip():
+            raise SystemExit("--launcher slurm must run inside a SLURM allocation (scontrol found no nodes)")
+        cmd = [c.replace(SLURM_MASTER, host.stdout.split()[0]) for c in cmd]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with open(os.path.join(out, "agvm_run.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    t0 = time.time()
+    with open(os.path.join(out, "stdout.log"), "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    record.update(returncode=rc, wall_s=round(time.time() - t0, 1),
+                  finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    with open(os.path.join(out, "agvm_run.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def write_report(args, table: Table, argv_line: str) -> str:
+    rows = comparison_rows(table, args.scale, args.output_root)
+    runs = [cell_output_dir(args.output_root, table.name, args.scale, r["cell"]) for r in rows]
+    records = [json.load(open(os.path.join(d, "agvm_run.json"))) for d in runs if os.path.exists(os.path.join(d, "agvm_run.json"))]
+    machines = sorted({r.get("machine", "?") for r in records})
+    total = sum(r.get("wall_s") or 0 for r in records)
+    lines = [f"# {table.title}: {args.scale} table", ""]
+    if args.scale == "mini":
+        lines += ["Mini cells train CPU-sized models on the embedded shapes dataset (agvm.data): their numbers are "
+                  "not comparable to the paper's; the paper column shows the full-scale cell each one imitates. "
+                  "What they show is the pipeline working end to end, and the direction of the batch-size and "
+                  "AGVM effects at this scale.", ""]
+    lines += [f"Command: `{argv_line}`", "",
+              f"Machine: {'; '.join(machines) if machines else 'no runs yet'}", "",
+              f"Total wall time of the runs: {total / 60:.1f} min", "",
+              rows_to_markdown(rows, table.metric, args.scale)]
+    for r in records:
+        lines.append(f"- `{r['cell']}`: `{r['command']}` (exit {r.get('returncode', '?')}, {r.get('wall_s', '?')} s, {r.get('started', '')})")
+    text = "\n".join(lines) + "\n"
+    path = args.results if args.results and args.table != "all" else os.path.join(ROOT, "projects", table.name, "results", f"{args.scale}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv_line = "python scripts/reproduce_table.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    tables = list(TABLES.values()) if args.table == "all" else [get_table(args.table)]
+    todo = []
+    for table in tables:
+        names = args.cells or [c.name for c in table.cells_at(args.scale)]
+        for name in names:
+            todo.append((table, table.cell(name, args.scale)))
+    if args.dry_run:
+        for table, cell in todo:
+            print(shell_line(cell_command(args, table, cell)))
+        print(f"# {len(todo)} cell(s); dry run: nothing run or written", file=sys.stderr)
+        return 0
+    failed = []
+    if not args.report_only:
+        pending = []
+        for table, cell in todo:
+            done = cell_result(cell_output_dir(args.output_root, table.name, args.scale, cell.name), table.result_key)
+            if done["status"] == "ok" and not args.rerun:
+                print(f"skip {table.name}/{cell.name}: finished ({table.metric} {done['measured']:.2f})", flush=True)
+            else:
+                pending.append((table, cell))
+        jobs = max(1, min(args.jobs, len(pending))) if args.launcher == "local" else 1
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        lock, t_start, finished = threading.Lock(), time.time(), [0]
+
+        def one(item):
+            table, cell = item
+            rec = run_cell(args, table, cell, threads)
+            res = cell_result(cell_output_dir(args.output_root, table.name, args.scale, cell.name), table.result_key)
+            with lock:
+                finished[0] += 1
+                elapsed = time.time() - t_start
+                eta = elapsed / finished[0] * (len(pending) - finished[0])
+                value = f"{table.metric} {res['measured']:.2f}" if res["measured"] is not None else "no metric"
+                print(f"[{finished[0]}/{len(pending)}] {table.name}/{cell.name}: {res['status']} ({value}) in "
+                      f"{rec['wall_s'] / 60:.1f} min; ETA {eta / 60:.1f} min", flush=True)
+                if res["status"] != "ok":
+                    failed.append(f"{table.name}/{cell.name} (exit {rec['returncode']}, see {rec['command'].split('OUTPUT_DIR ')[-1].split()[0]}/stdout.log)")
+
+        print(f"{len(pending)} cell(s) to run, {jobs} at a time", flush=True)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(one, pending))
+    if args.launcher == "machines" and args.machine_rank != 0:
+        return 1 if failed else 0  # machine 0 writes the table
+    for table in tables:
+        print(f"wrote {write_report(args, table, argv_line)}")
+    if failed:
+        print("FAILED cells:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
