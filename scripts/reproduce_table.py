@@ -16,7 +16,8 @@ console output in ``stdout.log`` and ``agvm_run.json`` (command, exit code, wall
 Finished cells (a final metric) are skipped unless ``--rerun``; a failed cell is reported and
 the others go on. Afterwards the comparison table (measured vs paper, Δ, status, time) is
 written to ``projects/<table>/results/<scale>.md`` (``--results`` to change; not in --dry-run).
-Trailing ``KEY VALUE`` pairs override every cell's config (e.g. ``MODEL.DEVICE cuda``).
+A relative ``--output-root`` / ``--results`` is taken from the repository root.
+``-- KEY VALUE ...`` at the end overrides every cell's config (e.g. ``-- MODEL.DEVICE cuda``).
 Launchers: ``local`` (this machine, ``--num-gpus`` processes), ``machines`` (this machine is
 ``--machine-rank`` of ``--num-machines``; run the same command on each), ``slurm`` (``srun`` with
 ``--num-machines`` nodes × ``--num-gpus`` tasks; run inside an allocation).
@@ -58,15 +59,16 @@ def parse_args(argv=None):
     p.add_argument("--num-machines", type=int, default=1, help="machines (slurm: nodes); default 1")
     p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (launcher 'machines'); default 0")
     p.add_argument("--dist-url", default="auto", help="tcp://host:port of machine 0 (launcher 'machines')")
-    p.add_argument("--srun-args", default="", help="extra srun arguments, e.g. '--partition=gpu --time=24:00:00'")
+    p.add_argument("--srun-args", default="", help="extra srun arguments, e.g. --srun-args='--partition=gpu --time=24:00:00'")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once on this machine (local launcher); default 1")
     p.add_argument("--output-root", default="output", help="folder of the cells' output folders; default ./output")
-    p.add_argument("--results", default=None, help="markdown file; default projects/<table>/results/<scale>.md")
+    p.add_argument("--results", default="projects/{table}/results/{scale}.md",
+                   help="markdown file, {table} and {scale} filled in; default projects/{table}/results/{scale}.md")
     p.add_argument("--rerun", action="store_true", help="run cells that already have a final metric again")
     p.add_argument("--python", default=sys.executable, help="interpreter for train_net.py; default this one")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="'--' then KEY VALUE pairs for every cell")
-    args = p.parse_args(argv)
-    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if len(opts) % 2:
         p.error(f"overrides must be KEY VALUE pairs, got {opts}")
     args.opts = opts
@@ -75,6 +77,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if args.launcher == "machines" and (args.num_machines < 2 or args.dist_url == "auto"):
         p.error("--launcher machines needs --num-machines ≥ 2 and --dist-url tcp://<machine 0>:<port>")
+    # train_net.py runs in the repository root: a relative root is relative to it
+    args.output_abs = os.path.join(ROOT, args.output_root)
     if args.table != "all" and args.table not in TABLES:
         p.error(f"unknown --table {args.table!r}; known: {', '.join(TABLES)}, all")
     return args
@@ -118,7 +122,7 @@ def machine() -> str:
 
 def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
     """Run one cell to completion; write its ``agvm_run.json``; return it."""
-    out = cell_output_dir(args.output_root, table.name, args.scale, cell.name)
+    out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
     os.makedirs(out, exist_ok=True)
     cmd = cell_command(args, table, cell)
     line = shell_line(cmd)
@@ -145,8 +149,8 @@ def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
 
 
 def write_report(args, table: Table, argv_line: str) -> str:
-    rows = comparison_rows(table, args.scale, args.output_root)
-    runs = [cell_output_dir(args.output_root, table.name, args.scale, r["cell"]) for r in rows]
+    rows = comparison_rows(table, args.scale, args.output_abs)
+    runs = [cell_output_dir(args.output_abs, table.name, args.scale, r["cell"]) for r in rows]
     records = [json.load(open(os.path.join(d, "agvm_run.json"))) for d in runs if os.path.exists(os.path.join(d, "agvm_run.json"))]
     machines = sorted({r.get("machine", "?") for r in records})
     total = sum(r.get("wall_s") or 0 for r in records)
@@ -163,7 +167,7 @@ def write_report(args, table: Table, argv_line: str) -> str:
     for r in records:
         lines.append(f"- `{r['cell']}`: `{r['command']}` (exit {r.get('returncode', '?')}, {r.get('wall_s', '?')} s, {r.get('started', '')})")
     text = "\n".join(lines) + "\n"
-    path = args.results if args.results and args.table != "all" else os.path.join(ROOT, "projects", table.name, "results", f"{args.scale}.md")
+    path = os.path.join(ROOT, args.results.format(table=table.name, scale=args.scale))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
@@ -178,7 +182,11 @@ def main(argv=None) -> int:
     for table in tables:
         names = args.cells or [c.name for c in table.cells_at(args.scale)]
         for name in names:
-            todo.append((table, table.cell(name, args.scale)))
+            try:
+                todo.append((table, table.cell(name, args.scale)))
+            except KeyError as e:
+                print(f"reproduce_table.py: error: {e.args[0]}", file=sys.stderr)
+                return 2
     if args.dry_run:
         for table, cell in todo:
             print(shell_line(cell_command(args, table, cell)))
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         pending = []
         for table, cell in todo:
-            done = cell_result(cell_output_dir(args.output_root, table.name, args.scale, cell.name), table.result_key)
+            done = cell_result(cell_output_dir(args.output_abs, table.name, args.scale, cell.name), table.result_key)
             if done["status"] == "ok" and not args.rerun:
                 print(f"skip {table.name}/{cell.name}: finished ({table.metric} {done['measured']:.2f})", flush=True)
             else:
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
         def one(item):
             table, cell = item
             rec = run_cell(args, table, cell, threads)
-            res = cell_result(cell_output_dir(args.output_root, table.name, args.scale, cell.name), table.result_key)
+            res = cell_result(cell_output_dir(args.output_abs, table.name, args.scale, cell.name), table.result_key)
             with lock:
                 finished[0] += 1
                 elapsed = time.time() - t_start
@@ -209,7 +217,8 @@ def main(argv=None) -> int:
                 print(f"[{finished[0]}/{len(pending)}] {table.name}/{cell.name}: {res['status']} ({value}) in "
                       f"{rec['wall_s'] / 60:.1f} min; ETA {eta / 60:.1f} min", flush=True)
                 if res["status"] != "ok":
-                    failed.append(f"{table.name}/{cell.name} (exit {rec['returncode']}, see {rec['command'].split('OUTPUT_DIR ')[-1].split()[0]}/stdout.log)")
+                    log = os.path.join(cell_output_dir(args.output_abs, table.name, args.scale, cell.name), "stdout.log")
+                    failed.append(f"{table.name}/{cell.name} (exit {rec['returncode']}, see {log})")
 
         print(f"{len(pending)} cell(s) to run, {jobs} at a time", flush=True)
         with ThreadPoolExecutor(max_workers=jobs) as pool:
