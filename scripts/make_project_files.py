@@ -29,8 +29,11 @@ Methods
 Mini scale (the embedded shapes dataset, 128 px, CPU)
     Every cell sees 3840 images (480 iterations at batch 8), warm-up 640 images, LR steps at 3/4
     and 7/8. The reference point of the LR rules is the mini base's (8 images, 0.02) for SGD
-    (AdamW 5e-4, LAMB 5e-3); AGVM starts 10 iterations after warm-up, τ = 5, clip window ±10;
-    at batch 32 AGVM uses MegDet's LR so that the modulation is the only difference.
+    (AdamW 5e-4, LAMB 5e-3); AGVM starts 10 iterations after warm-up, τ = 5, clip window ±10.
+    At batch 32: MegDet by the linear rule (0.08); AGVM by the square-root rule (0.04: below
+    linear, as the release's LRs are); and "b32_sgd", the AGVM cell with μ held at 1
+    (MEASURE_ONLY: same LR, warm-up, clipping, Φ logged), so that the modulation is the only
+    difference between those two.
 
     python scripts/make_project_files.py            # (re)write all cell configs and notebooks
     python scripts/make_project_files.py --check    # exit 1 if any file differs
@@ -144,7 +147,9 @@ def _sgd_lr(table: Table, scale: str) -> Tuple[int, float]:
 
 def _agvm_sgd_lr(cell: Cell, table: Table, scale: str) -> List[Setting]:
     ref_batch, ref_lr = _sgd_lr(table, scale)
-    if scale == "mini" or cell.batch <= 32:
+    if scale == "mini":
+        return _rule("sqrt", ref_batch, ref_lr, "square-root rule (lower than MegDet's, as the release's LRs)")
+    if cell.batch <= 32:
         return _rule("linear", ref_batch, ref_lr, "MegDet's linear rule")
     at512 = {"faster_rcnn": 0.38, "semantic_fpn": 0.16}.get(table.name, 0.32)
     if cell.batch == 256:
@@ -206,7 +211,10 @@ def cell_settings(table: Table, cell: Cell, scale: str) -> List[Setting]:
     adamw_lr = (8, 5e-4) if mini else (16, 1e-4)
     lamb_lr = (8, 5e-3) if mini else (16, 1e-3)
     m = cell.method
-    if m in ("MegDet", "SGD"):
+    if m == "SGD" and mini:  # the AGVM cell's recipe with μ held at 1
+        s += [("SOLVER.OPTIMIZER", "SGD", "")] + _agvm_sgd_lr(cell, table, scale) + _agvm(cell, warmup, scale)
+        s += [("SOLVER.AGVM.MEASURE_ONLY", True, "μ stays 1: AGVM's recipe without the modulation")]
+    elif m in ("MegDet", "SGD"):
         s += [("SOLVER.OPTIMIZER", "SGD", ""), ("SOLVER.WARMUP_METHOD", "linear", "")]
         s += _rule("linear", ref_batch, ref_lr, "MegDet's linear rule") + _measure_only(cell, warmup, scale)
     elif m == "SAM":
