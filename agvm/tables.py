@@ -211,8 +211,8 @@ _retina = _grid("RetinaNet R18, extreme batch (12 epochs)", _retina_iters, {
 })
 
 # batch 8 (lr 0.02) is the small-batch baseline; at batch 32, MegDet's linear rule (0.08), and
-# AGVM with the square-root rule (0.04, lower than linear as in the authors' release) beside
-# plain SGD at that same LR, so that the modulation is the only difference between those two
+# AGVM beside its twin with μ held at 1 ("SGD": same LR, warm-up and clipping), so that the
+# modulation is the only difference between those two (scripts/make_project_files.py)
 _MINI_SGD = ((8, "MegDet", "b32_megdet"), (32, "MegDet", "b512_megdet"), (32, "SGD", "b512_megdet"),
              (32, "AGVM", "b512_agvm"))
 

@@ -26,22 +26,18 @@ Launchers: ``local`` (this machine, ``--num-gpus`` processes), ``machines`` (thi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agvm.results import cell_output_dir, cell_result, comparison_rows, rows_to_markdown  # noqa: E402
+from agvm.runner import run_logged, run_all  # noqa: E402
 from agvm.tables import TABLES, Cell, Table, get_table  # noqa: E402
 
 SLURM_MASTER = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
@@ -106,46 +102,18 @@ def shell_line(cmd: List[str]) -> str:
     return " ".join(c if SLURM_MASTER in c else shlex.quote(c) for c in cmd)
 
 
-def machine() -> str:
-    """A short description of this machine (CPU, GPU) for the records."""
-    desc = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    try:
-        import torch
-
-        desc += f", torch {torch.__version__}"
-        if torch.cuda.is_available():
-            desc += f", {torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}"
-    except ImportError:  # pragma: no cover
-        pass
-    return desc
-
-
 def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
-    """Run one cell to completion; write its ``agvm_run.json``; return it."""
+    """Run one cell to completion (``agvm.runner.run_logged``); return its record."""
     out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
-    os.makedirs(out, exist_ok=True)
     cmd = cell_command(args, table, cell)
     line = shell_line(cmd)
-    record = {"table": table.name, "scale": args.scale, "cell": cell.name, "command": line,
-              "machine": machine(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
     if args.launcher == "slurm":
         host = subprocess.run(["bash", "-c", SLURM_MASTER[2:-1]], capture_output=True, text=True)
         if host.returncode != 0 or not host.stdout.strip():
             raise SystemExit("--launcher slurm must run inside a SLURM allocation (scontrol found no nodes)")
         cmd = [c.replace(SLURM_MASTER, host.stdout.split()[0]) for c in cmd]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    with open(os.path.join(out, "agvm_run.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    t0 = time.time()
-    with open(os.path.join(out, "stdout.log"), "w") as log:
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    record.update(returncode=rc, wall_s=round(time.time() - t0, 1),
-                  finished=datetime.datetime.now().isoformat(timespec="seconds"))
-    with open(os.path.join(out, "agvm_run.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    return record
+    record = {"table": table.name, "scale": args.scale, "cell": cell.name}
+    return run_logged(cmd, out, record, cwd=ROOT, threads=threads, line=line)
 
 
 def write_report(args, table: Table, argv_line: str) -> str:
@@ -201,28 +169,19 @@ def main(argv=None) -> int:
                 print(f"skip {table.name}/{cell.name}: finished ({table.metric} {done['measured']:.2f})", flush=True)
             else:
                 pending.append((table, cell))
-        jobs = max(1, min(args.jobs, len(pending))) if args.launcher == "local" else 1
-        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-        lock, t_start, finished = threading.Lock(), time.time(), [0]
+        jobs = args.jobs if args.launcher == "local" else 1
 
-        def one(item):
+        def one(item, threads):
             table, cell = item
             rec = run_cell(args, table, cell, threads)
-            res = cell_result(cell_output_dir(args.output_abs, table.name, args.scale, cell.name), table.result_key)
-            with lock:
-                finished[0] += 1
-                elapsed = time.time() - t_start
-                eta = elapsed / finished[0] * (len(pending) - finished[0])
-                value = f"{table.metric} {res['measured']:.2f}" if res["measured"] is not None else "no metric"
-                print(f"[{finished[0]}/{len(pending)}] {table.name}/{cell.name}: {res['status']} ({value}) in "
-                      f"{rec['wall_s'] / 60:.1f} min; ETA {eta / 60:.1f} min", flush=True)
-                if res["status"] != "ok":
-                    log = os.path.join(cell_output_dir(args.output_abs, table.name, args.scale, cell.name), "stdout.log")
-                    failed.append(f"{table.name}/{cell.name} (exit {rec['returncode']}, see {log})")
+            out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
+            res = cell_result(out, table.result_key)
+            value = f"{table.metric} {res['measured']:.2f}" if res["measured"] is not None else "no metric"
+            if res["status"] != "ok":
+                failed.append(f"{table.name}/{cell.name} (exit {rec['returncode']}, see {out}/stdout.log)")
+            return f"{table.name}/{cell.name}: {res['status']} ({value}) in {rec['wall_s'] / 60:.1f} min"
 
-        print(f"{len(pending)} cell(s) to run, {jobs} at a time", flush=True)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(one, pending))
+        run_all(pending, one, jobs, print_fn=lambda s: print(s, flush=True))
     if args.launcher == "machines" and args.machine_rank != 0:
         return 1 if failed else 0  # machine 0 writes the table
     for table in tables:

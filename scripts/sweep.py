@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""Grid sweeps over config keys (α, τ, batch size with an LR rule, optimizer, seed).
+
+    python scripts/sweep.py --config-file projects/faster_rcnn/configs/mini/b32_agvm.yaml \\
+        --grid SOLVER.AGVM.MOMENTUM=0.95,0.97,0.98 SOLVER.AGVM.INTERVAL=5,10,20 --seeds 0 1 \\
+        --output-root output/sweeps/alpha_tau --jobs 2
+    python scripts/sweep.py ... --dry-run                 # list the cells and their commands
+    python scripts/sweep.py ... --slurm                   # write sweep.sbatch (a SLURM array), run nothing
+    python scripts/sweep.py ... --report-only             # aggregate what exists
+
+Each cell (one point of the grid × one seed) trains ``train_net.py`` (the project's, found from
+the config's ``projects/<name>/`` path, or ``--train-net``) into ``<output-root>/<cell>`` with
+the grid values (and ``SEED``) as overrides. Cells run one after another (``--jobs N``: N at once);
+cells with a final metric are skipped (the sweep resumes), failed ones are listed at the end and
+in the table, never dropped. Afterwards ``results.csv`` (one row per cell) and ``results.md``
+(mean ± std over seeds per grid point) are written to the output root.
+
+Batch size: ``--grid SOLVER.IMS_PER_BATCH=8,32`` with ``--lr-rule linear|sqrt`` sets
+SOLVER.LR_SCALING (reference: ``--ref-batch``/``--ref-lr``, default the config's batch and LR),
+and with ``--same-epochs`` scales MAX_ITER, STEPS, WARMUP_ITERS, AGVM.START_ITER and the clip
+window by ref-batch / batch (same images seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from agvm.results import cell_result  # noqa: E402
+from agvm.runner import run_all, run_logged  # noqa: E402
+
+
+def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """``["KEY=v1,v2", ...]`` → ``[(KEY, [v1, v2]), ...]`` (order kept; values as strings)."""
+    grid = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise ValueError(f"--grid entries look like KEY=v1,v2,...; got {item!r}")
+        if key in (k for k, _ in grid):
+            raise ValueError(f"--grid names {key!r} twice")
+        grid.append((key.strip(), vals))
+    return grid
+
+
+def _slug(key: str, value: str) -> str:
+    short = key.split(".")[-1].lower()
+    return re.sub(r"[^A-Za-z0-9.\-]+", "", f"{short}-{value}")
+
+
+def expand(grid: Sequence[Tuple[str, List[str]]], seeds: Sequence[int]) -> List[dict]:
+    """Every grid point × seed: ``{"name", "point": {KEY: value}, "seed"}``; names are unique
+    and stable (the sweep resumes by them)."""
+    cells = []
+    keys = [k for k, _ in grid]
+    for values in itertools.product(*[v for _, v in grid]) if grid else [()]:
+        point = dict(zip(keys, values))
+        for seed in seeds:
+            name = "_".join([_slug(k, v) for k, v in point.items()] + [f"seed-{seed}"])
+            cells.append({"name": name, "point": point, "seed": seed})
+    return cells
+
+
+def cell_overrides(args, cell: dict, base) -> List[str]:
+    """``KEY VALUE`` overrides of one cell: its grid values, SEED, and the batch rules."""
+    opts: List[str] = []
+    for k, v in cell["point"].items():
+        opts += [k, v]
+    opts += ["SEED", str(cell["seed"])]
+    if "SOLVER.IMS_PER_BATCH" in cell["point"]:
+        batch = int(cell["point"]["SOLVER.IMS_PER_BATCH"])
+        ref_batch = args.ref_batch or base.SOLVER.IMS_PER_BATCH
+        if args.lr_rule != "none":
+            ref_lr = args.ref_lr if args.ref_lr is not None else base.SOLVER.BASE_LR
+            opts += ["SOLVER.LR_SCALING.RULE", args.lr_rule, "SOLVER.LR_SCALING.REFERENCE_IMS_PER_BATCH", str(ref_batch),
+                     "SOLVER.LR_SCALING.REFERENCE_LR", repr(ref_lr)]
+        if args.same_epochs:
+            f = ref_batch / batch
+            s = base.SOLVER
+            scaled = lambda x: max(1, int(round(x * f))) if x > 0 else x  # noqa: E731
+            opts += ["SOLVER.MAX_ITER", str(scaled(s.MAX_ITER)),
+                     "SOLVER.STEPS", str(tuple(scaled(x) for x in s.STEPS)),
+                     "SOLVER.WARMUP_ITERS", str(scaled(s.WARMUP_ITERS))]
+            if s.AGVM.START_ITER >= 0:
+                opts += ["SOLVER.AGVM.START_ITER", str(scaled(s.AGVM.START_ITER))]
+            lo, hi = s.CLIP_GRADIENTS.ITER_RANGE
+            if lo >= 0:
+                opts += ["SOLVER.CLIP_GRADIENTS.ITER_RANGE", str((scaled(lo), scaled(hi)))]
+    return opts
+
+
+def load_base(config_file: str):
+    """The config the sweep starts from (detectron2 defaults + agvm keys + the file)."""
+    import agvm  # noqa: F401
+    from detectron2.config import get_cfg
+
+    from agvm.detectron2 import add_agvm_config
+
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    cfg.merge_from_file(config_file)
+    return cfg
+
+
+def find_train_net(config_file: str) -> str:
+    parts = os.path.abspath(config_file).split(os.sep)
+    if "projects" in parts:
+        i = len(parts) - 1 - parts[::-1].index("projects")
+        candidate = os.sep.join(parts[:i + 2] + ["train_net.py"])
+        if os.path.exists(candidate):
+            return candidate
+    raise SystemExit(f"cannot tell the train_net.py of {config_file}: pass --train-net")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="the config every cell starts from")
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="config keys and their values")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="SEED values (default: 0)")
+    p.add_argument("--output-root", required=True, help="folder of the cells' output folders and the results")
+    p.add_argument("--train-net", default=None, help="train_net.py to run (default: the config's project)")
+    p.add_argument("--lr-rule", choices=("none", "linear", "sqrt"), default="none",
+                   help="with SOLVER.IMS_PER_BATCH in the grid: scale the LR by this rule (default none)")
+    p.add_argument("--ref-batch", type=int, default=None, help="reference batch of the LR rule (default: the config's)")
+    p.add_argument("--ref-lr", type=float, default=None, help="reference LR of the LR rule (default: the config's)")
+    p.add_argument("--same-epochs", action="store_true", help="scale iteration counts by ref-batch / batch")
+    p.add_argument("--metric", default="bbox/AP", help="task/metric to aggregate (default bbox/AP; segm/AP, sem_seg/mIoU, panoptic_seg/PQ)")
+    p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine (default 1)")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per cell (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells' commands; run and write nothing")
+    p.add_argument("--slurm", action="store_true", help="write <output-root>/sweep.sbatch (an array job); run nothing")
+    p.add_argument("--slurm-args", default="", help="extra #SBATCH lines' options, e.g. '--partition=gpu --time=4:00:00'")
+    p.add_argument("--report-only", action="store_true", help="only aggregate existing output")
+    p.add_argument("--python", default=sys.executable, help="interpreter for train_net.py (default: this one)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if len(extra) % 2:
+        p.error(f"overrides after -- must be KEY VALUE pairs, got {extra}")
+    args.opts = extra
+    try:
+        args.grid = parse_grid(args.grid)
+    except ValueError as e:
+        p.error(str(e))
+    if args.jobs < 1 or args.num_gpus < 1:
+        p.error("--jobs and --num-gpus must be ≥ 1")
+    if "/" not in args.metric:
+        p.error(f"--metric must look like task/metric (e.g. bbox/AP), got {args.metric!r}")
+    if not os.path.exists(args.config_file):
+        p.error(f"--config-file {args.config_file} does not exist")
+    args.config_file = os.path.abspath(args.config_file)
+    args.output_root = os.path.abspath(args.output_root)
+    return args
+
+
+def command(args, cell: dict, base, train_net: str) -> List[str]:
+    out = os.path.join(args.output_root, cell["name"])
+    return ([args.python, train_net, "--config-file", args.config_file, "--num-gpus", str(args.num_gpus),
+             "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + list(args.opts))
+
+
+def aggregate(args, cells: List[dict]) -> Tuple[str, str]:
+    """Write results.csv and results.md under the output root; return their paths."""
+    key = tuple(args.metric.split("/", 1))
+    rows = []
+    for c in cells:
+        r = cell_result(os.path.join(args.output_root, c["name"]), key)
+        rows.append({**c["point"], "seed": c["seed"], "cell": c["name"], "status": r["status"],
+                     args.metric: r["measured"], "wall_s": r["wall_s"]})
+    keys = [k for k, _ in args.grid]
+    os.makedirs(args.output_root, exist_ok=True)
+    csv_path = os.path.join(args.output_root, "results.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + ["seed", "cell", "status", args.metric, "wall_s"])
+        w.writeheader()
+        w.writerows(rows)
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    head = "| " + " | ".join(keys + [f"{args.metric} (mean ± std)", "seeds ok", "failed / missing"]) + " |"
+    lines = [f"Sweep of `{args.config_file}`, metric {args.metric}, seeds {args.seeds}.", "", head,
+             "|" + "---|" * (len(keys) + 3)]
+    for point, rs in groups.items():
+        vals = [r[args.metric] for r in rs if r["status"] == "ok"]
+        if len(vals) > 1:
+            stat = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+        elif vals:
+            stat = f"{vals[0]:.2f}"
+        else:
+            stat = "—"
+        bad = [f"seed {r['seed']}: {r['status']}" for r in rs if r["status"] != "ok"]
+        lines.append("| " + " | ".join(list(point) + [stat, f"{len(vals)}/{len(rs)}", ", ".join(bad) or "—"]) + " |")
+    md_path = os.path.join(args.output_root, "results.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def write_sbatch(args, cells: List[dict], base, train_net: str) -> str:
+    path = os.path.join(args.output_root, "sweep.sbatch")
+    os.makedirs(args.output_root, exist_ok=True)
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --array=0-{len(cells) - 1}", f"#SBATCH --gpus-per-task={args.num_gpus}",
+             f"#SBATCH --output={os.path.join(args.output_root, 'slurm-%A_%a.out')}"]
+    lines += [f"#SBATCH {a}" for a in shlex.split(args.slurm_args)]
+    lines += [f"cd {shlex.quote(ROOT)}", 'case "$SLURM_ARRAY_TASK_ID" in']
+    for i, c in enumerate(cells):
+        lines.append(f"  {i}) exec {' '.join(shlex.quote(x) for x in command(args, c, base, train_net))} ;;")
+    lines += ["esac", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cells = expand(args.grid, args.seeds)
+    base = load_base(args.config_file)
+    train_net = args.train_net or find_train_net(args.config_file)
+    if args.dry_run:
+        for c in cells:
+            print(f"{c['name']}: " + " ".join(shlex.quote(x) for x in command(args, c, base, train_net)))
+        print(f"# {len(cells)} cell(s); dry run: nothing run or written", file=sys.stderr)
+        return 0
+    if args.slurm:
+        path = write_sbatch(args, cells, base, train_net)
+        print(f"wrote {path} ({len(cells)} array tasks); submit with: sbatch {path}\n"
+              f"then aggregate with: python scripts/sweep.py ... --report-only")
+        return 0
+    failed: List[str] = []
+    if not args.report_only:
+        key = tuple(args.metric.split("/", 1))
+        pending = []
+        for c in cells:
+            if cell_result(os.path.join(args.output_root, c["name"]), key)["status"] == "ok":
+                print(f"skip {c['name']}: finished", flush=True)
+            else:
+                pending.append(c)
+
+        def one(c, threads):
+            out = os.path.join(args.output_root, c["name"])
+            rec = run_logged(command(args, c, base, train_net), out, {"cell": c["name"], "point": c["point"], "seed": c["seed"]},
+                             cwd=ROOT, threads=threads)
+            res = cell_result(out, key)
+            if res["status"] != "ok":
+                failed.append(f"{c['name']} ({res['status']}, exit {rec['returncode']}, see {out}/stdout.log)")
+            value = f"{args.metric} {res['measured']:.2f}" if res["measured"] is not None and not math.isnan(res["measured"]) else "no metric"
+            return f"{c['name']}: {res['status']} ({value}) in {rec['wall_s'] / 60:.1f} min"
+
+        run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
+    csv_path, md_path = aggregate(args, cells)
+    print(f"wrote {csv_path} and {md_path}")
+    if failed:
+        print("FAILED cells:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

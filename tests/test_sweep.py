@@ -1,0 +1,102 @@
+"""scripts/sweep.py (grid expansion, batch rules, resume, aggregation) and scripts/plot_variance.py."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGVM_MINI = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "b32_agvm.yaml")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load("sweep")
+
+
+def test_grid_expansion():
+    grid = sweep.parse_grid(["SOLVER.AGVM.MOMENTUM=0.95,0.97,0.98", "SOLVER.AGVM.INTERVAL=5, 10"])
+    assert grid == [("SOLVER.AGVM.MOMENTUM", ["0.95", "0.97", "0.98"]), ("SOLVER.AGVM.INTERVAL", ["5", "10"])]
+    cells = sweep.expand(grid, [0, 1])
+    assert len(cells) == 12 and len({c["name"] for c in cells}) == 12
+    assert cells[0] == {"name": "momentum-0.95_interval-5_seed-0", "seed": 0,
+                        "point": {"SOLVER.AGVM.MOMENTUM": "0.95", "SOLVER.AGVM.INTERVAL": "5"}}
+    assert [c["name"] for c in sweep.expand([], [3])] == ["seed-3"]
+    for bad in (["SOLVER.AGVM.MOMENTUM"], ["=1,2"], ["A=1", "A=2"], ["A="]):
+        with pytest.raises(ValueError):
+            sweep.parse_grid(bad)
+
+
+def test_batch_overrides_exact_values(tmp_path):
+    args = sweep.parse_args(["--config-file", AGVM_MINI, "--output-root", str(tmp_path), "--grid",
+                             "SOLVER.IMS_PER_BATCH=8,64", "--lr-rule", "sqrt", "--ref-batch", "32", "--ref-lr", "0.02",
+                             "--same-epochs"])
+    base = sweep.load_base(args.config_file)
+    cells = sweep.expand(args.grid, [0])
+    opts = dict(zip(*[iter(sweep.cell_overrides(args, cells[1], base))] * 2))
+    # base: batch 32, 120 iterations, steps (90, 105), warm-up 20, start 30, clip (10, 30); 64 = half as many
+    assert opts["SOLVER.IMS_PER_BATCH"] == "64" and opts["SEED"] == "0"
+    assert opts["SOLVER.LR_SCALING.RULE"] == "sqrt" and opts["SOLVER.LR_SCALING.REFERENCE_IMS_PER_BATCH"] == "32"
+    assert opts["SOLVER.MAX_ITER"] == "60" and opts["SOLVER.STEPS"] == "(45, 52)"
+    assert opts["SOLVER.WARMUP_ITERS"] == "10" and opts["SOLVER.AGVM.START_ITER"] == "15"
+    assert opts["SOLVER.CLIP_GRADIENTS.ITER_RANGE"] == "(5, 15)"
+    opts8 = dict(zip(*[iter(sweep.cell_overrides(args, cells[0], base))] * 2))
+    assert opts8["SOLVER.MAX_ITER"] == "480" and opts8["SOLVER.WARMUP_ITERS"] == "80"
+
+
+def test_aggregate_mean_and_std(tmp_path):
+    args = sweep.parse_args(["--config-file", AGVM_MINI, "--output-root", str(tmp_path), "--grid",
+                             "SOLVER.AGVM.MOMENTUM=0.9,0.97", "--seeds", "0", "1", "2"])
+    cells = sweep.expand(args.grid, args.seeds)
+    values = {("0.9", 0): 10.0, ("0.9", 1): 12.0, ("0.9", 2): 14.0, ("0.97", 0): 20.0, ("0.97", 1): float("nan")}
+    for c in cells:
+        v = values.get((c["point"]["SOLVER.AGVM.MOMENTUM"], c["seed"]))
+        if v is None:
+            continue  # ("0.97", 2): missing
+        folder = tmp_path / c["name"]
+        folder.mkdir()
+        (folder / "eval_results.json").write_text(json.dumps({"bbox": {"AP": v}}))
+    csv_path, md_path = sweep.aggregate(args, cells)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 6 and [r["status"] for r in rows].count("ok") == 4
+    md = open(md_path).read()
+    assert "| 0.9 | 12.00 ± 2.00 | 3/3 | — |" in md
+    assert "| 0.97 | 20.00 | 1/3 | seed 1: failed, seed 2: missing |" in md
+
+
+TINY = ["SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)",
+        "SOLVER.AGVM.START_ITER", "1", "SOLVER.AGVM.INTERVAL", "1", "SOLVER.CLIP_GRADIENTS.ITER_RANGE", "(0, 2)",
+        "DATALOADER.NUM_WORKERS", "0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+
+
+def test_sweep_runs_resumes_and_reports_failures_then_plots(tiny_shapes, capsys):
+    out = tiny_shapes / "sweep"
+    # α = 1.5 is rejected by the modulator: that cell fails and must be reported, not dropped
+    argv = ["--config-file", AGVM_MINI, "--output-root", str(out), "--grid", "SOLVER.AGVM.MOMENTUM=0.9,1.5", "--", *TINY]
+    assert sweep.main(argv) == 1
+    text = capsys.readouterr()
+    assert "[2/2]" in text.out and "momentum-1.5_seed-0" in text.err
+    rows = {r["cell"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["momentum-0.9_seed-0"]["status"] == "ok" and rows["momentum-1.5_seed-0"]["status"] == "failed"
+    assert "seed 0: failed" in open(out / "results.md").read()
+    # resume: the finished cell is skipped, the failed one is tried again
+    assert sweep.main(argv) == 1
+    again = capsys.readouterr().out
+    assert "skip momentum-0.9_seed-0: finished" in again and "1 run(s) to do" in again
+
+    plot = _load("plot_variance")
+    prefix = tiny_shapes / "plots" / "phi"
+    assert plot.main([str(out / "momentum-0.9_seed-0"), "--labels", "α 0.9", "--out", str(prefix)]) == 0
+    for kind in ("phi", "mu"):
+        for ext in ("png", "pdf"):
+            path = f"{prefix}_{kind}.{ext}"
+            assert os.path.getsize(path) > 1000, path
+    with pytest.raises(SystemExit):  # a run without Φ is refused with a message
+        plot.main([str(out / "momentum-1.5_seed-0"), "--out", str(prefix)])
