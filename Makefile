@@ -11,7 +11,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.agvm-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow demo clean
+.PHONY: reproduce-mini install test test-slow demo clean
 
 install: $(STAMP)
 
@@ -34,3 +34,7 @@ demo: install
 
 clean:
 	rm -rf $(VENV) output
+
+# The CPU-scale reproduction (≈30–40 min on 2 cores): results/mini/README.md
+reproduce-mini: install
+	$(PY) scripts/reproduce_mini.py
