@@ -35,6 +35,6 @@ demo: install
 clean:
 	rm -rf $(VENV) output
 
-# The CPU-scale reproduction (≈30–40 min on 2 cores): results/mini/README.md
+# The CPU-scale reproduction (≈20–30 min on 2 cores): results/mini/README.md
 reproduce-mini: install
 	$(PY) scripts/reproduce_mini.py

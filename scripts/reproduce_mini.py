@@ -14,7 +14,7 @@ On the embedded shapes dataset with the mini Faster R-CNN (R-18-FPN from scratch
    times, plus the hand-written findings in ``results/mini/findings.md`` when present.
 
 Finished runs are reused (both scripts resume), so a second call only redoes what is missing.
-Budget on a 2-core CPU: about 30–40 minutes from scratch, 2 runs at a time.
+Budget on a 2-core CPU: about 20–30 minutes from scratch, 2 runs at a time (measured: the four table runs took 0.8–7.0 min each, the five LR-0.04 runs 1.5 + 4.2 min).
 
     python scripts/reproduce_mini.py [--jobs 2] [--grid-alpha 0.9 0.97] [--grid-tau 2 10]
 """
@@ -46,7 +46,7 @@ def _run(cmd, log):
     print(f"$ {line}", flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd, cwd=ROOT)
-    log.append((line.replace(sys.executable, "python"), rc, time.time() - t0))
+    log.append((line.replace(sys.executable, "python").replace(ROOT + os.sep, ""), rc, time.time() - t0))
     return rc
 
 
@@ -64,6 +64,10 @@ def _phi_summary(table, root) -> str:
             vals.append(f"{sum(v) / len(v):.3f}" if v else "—")
         lines.append(f"| {cell.name} | " + " | ".join(vals) + f" | {len(next(iter(data.values()))[0])} |")
     return "\n".join(lines) + "\n"
+
+
+def _relative(text: str) -> str:
+    return text.replace(ROOT + os.sep, "")
 
 
 def main(argv=None) -> int:
@@ -115,9 +119,9 @@ def main(argv=None) -> int:
              f"## At LR {args.stress_lr} (batch 32): the μ = 1 twin, and AGVM over an α × τ grid", "",
              f"The twin (`{os.path.basename(TWIN_CELL)}` with `SOLVER.BASE_LR {args.stress_lr}`):", ""]
     twin_md = os.path.join(twin_root, "results.md")
-    text += [open(twin_md).read().strip() if os.path.exists(twin_md) else "(no results)", "",
+    text += [_relative(open(twin_md).read().strip()) if os.path.exists(twin_md) else "(no results)", "",
              f"AGVM (`{os.path.basename(AGVM_CELL)}` with `SOLVER.BASE_LR {args.stress_lr}`):", ""]
-    text += [open(grid_md).read().strip() if os.path.exists(grid_md) else "(no grid results)", ""]
+    text += [_relative(open(grid_md).read().strip()) if os.path.exists(grid_md) else "(no grid results)", ""]
     text += ["## Commands", "", "```bash", "make reproduce-mini   # = python scripts/reproduce_mini.py, which ran:"]
     text += [f"{line}   # exit {rc}, {secs / 60:.1f} min" for line, rc, secs in log]
     text += ["```", ""]

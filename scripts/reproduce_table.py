@@ -134,7 +134,7 @@ def write_report(args, table: Table, argv_line: str) -> str:
               rows_to_markdown(rows, table.metric, args.scale)]
     for r in records:
         lines.append(f"- `{r['cell']}`: `{r['command']}` (exit {r.get('returncode', '?')}, {r.get('wall_s', '?')} s, {r.get('started', '')})")
-    text = "\n".join(lines) + "\n"
+    text = ("\n".join(lines) + "\n").replace(ROOT + os.sep, "")
     path = os.path.join(ROOT, args.results.format(table=table.name, scale=args.scale))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
