@@ -24,13 +24,6 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping]], kind: str = "phi", ncols: i
     """One panel per run (``{label: metrics.json records}``), one line per module of the
     ``agvm/<kind>/<module>`` curves. Runs without such curves get an empty panel saying so.
     Returns the matplotlib figure."""
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        try:
-            import matplotlib_inline  # noqa: F401  (inside Jupyter)
-        except ImportError:
-            matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if kind not in KIND_LABELS:

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["machine", "run_logged", "run_all"]
+__all__ = ["machine", "parse_with_overrides", "run_logged", "run_all"]
 
 
 def machine() -> str:
@@ -32,6 +32,20 @@ def machine() -> str:
     except ImportError:  # pragma: no cover
         pass
     return desc
+
+
+def parse_with_overrides(parser, argv=None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) with ``parser``; what follows ``--`` becomes
+    ``args.opts``, config ``KEY VALUE`` pairs for every run (an odd count is a parser error)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.opts = argv[cut + 1:]
+    if len(args.opts) % 2:
+        parser.error(f"overrides after -- must be KEY VALUE pairs, got {args.opts}")
+    return args
 
 
 def _write(path: str, record: dict) -> None:

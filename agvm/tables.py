@@ -81,8 +81,9 @@ class Table:
             (``{"bbox": {"AP": ...}}`` → ``("bbox", "AP")``).
         cells: full-scale cells.
         mini_cells: mini (embedded dataset, CPU) cells.
-        baseline: name of the small-batch baseline cell (the Δ-vs-baseline column); the same
-            name is used at both scales' first cell.
+        mini_baseline: name of the small-batch baseline among the mini cells.
+        baseline: name of the small-batch baseline among the full-scale cells (the
+            Δ-vs-baseline column of the comparison tables).
     """
 
     name: str
@@ -141,7 +142,7 @@ def _grid(section: str, iters: Dict[int, int], values: Dict[str, Tuple]) -> List
     return cells
 
 
-def _mini(table: str, specs) -> Tuple[Cell, ...]:
+def _mini(specs) -> Tuple[Cell, ...]:
     """Mini cells: (batch, method, counterpart) with a fixed budget of images seen."""
     out = []
     for batch, method, counterpart in specs:
@@ -219,24 +220,24 @@ _MINI_SGD = ((8, "MegDet", "b32_megdet"), (32, "MegDet", "b512_megdet"), (32, "S
 TABLES: Dict[str, Table] = {
     "faster_rcnn": Table(
         "faster_rcnn", "Faster R-CNN R50-FPN, COCO 2017", "box AP", ("bbox", "AP"),
-        tuple(_faster), _mini("faster_rcnn", _MINI_SGD), "b8_megdet", "b32_megdet",
+        tuple(_faster), _mini(_MINI_SGD), "b8_megdet", "b32_megdet",
     ),
     "mask_rcnn": Table(
         "mask_rcnn", "Mask R-CNN R50-FPN, COCO 2017", "mask AP", ("segm", "AP"),
-        tuple(_mask), _mini("mask_rcnn", _MINI_SGD), "b8_megdet", "b32_megdet",
+        tuple(_mask), _mini(_MINI_SGD), "b8_megdet", "b32_megdet",
     ),
     "semantic_fpn": Table(
         "semantic_fpn", "Semantic FPN R50, ADE20K", "mIoU", ("sem_seg", "mIoU"),
-        tuple(_semantic), _mini("semantic_fpn", _MINI_SGD), "b8_megdet", "b32_megdet",
+        tuple(_semantic), _mini(_MINI_SGD), "b8_megdet", "b32_megdet",
     ),
     "panoptic_fpn": Table(
         "panoptic_fpn", "Panoptic FPN R50, COCO 2017 panoptic", "PQ", ("panoptic_seg", "PQ"),
-        tuple(_panoptic), _mini("panoptic_fpn", _MINI_SGD), "b8_megdet", "b32_megdet",
+        tuple(_panoptic), _mini(_MINI_SGD), "b8_megdet", "b32_megdet",
     ),
     "retinanet": Table(
         "retinanet", "RetinaNet R18-FPN, COCO 2017, extreme batch", "box AP", ("bbox", "AP"),
         tuple(_retina),
-        _mini("retinanet", ((8, "PMD-LAMB", "b32_pmd_lamb"), (32, "PMD-LAMB", "b4096_pmd_lamb"),
+        _mini(((8, "PMD-LAMB", "b32_pmd_lamb"), (32, "PMD-LAMB", "b4096_pmd_lamb"),
                             (32, "AdamW+AGVM", "b4096_adamw_agvm"))),
         "b8_pmd_lamb", "b32_pmd_lamb",
     ),

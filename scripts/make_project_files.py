@@ -43,6 +43,7 @@ Mini scale (the embedded shapes dataset, 128 px, CPU)
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -255,7 +256,7 @@ def cell_settings(table: Table, cell: Cell, scale: str) -> List[Setting]:
 def cell_text(table: Table, cell: Cell, scale: str) -> str:
     """The whole config file of ``cell``."""
     if scale == "full":
-        paper = "training failed (NaN)" if cell.paper != cell.paper else f"{cell.paper} {table.metric}"
+        paper = "training failed (NaN)" if math.isnan(cell.paper) else f"{cell.paper} {table.metric}"
         if cell.approximate:
             paper += " (read off a plot, ±0.2)"
         what = f"{table.title}. {cell.section}: {cell.method} at batch {cell.batch}"
@@ -318,8 +319,6 @@ else:
 
 def notebook_text(table: Table) -> str:
     """The project's check_results.ipynb (nbformat 4), outputs empty."""
-    import json
-
     cells = []
     for i, (kind, source) in enumerate(NOTEBOOK_CELLS):
         text = source.format(title=table.title, name=table.name)
@@ -388,7 +387,7 @@ def readme_text(table: Table) -> str:
             section = c.section
             lines += ["", f"**{section}**", "", f"| cell | batch | method | iterations | paper {table.metric} |",
                       "|---|---|---|---|---|"]
-        paper = "NaN" if c.paper != c.paper else f"{c.paper}" + (" ≈" if c.approximate else "")
+        paper = "NaN" if math.isnan(c.paper) else f"{c.paper}" + (" ≈" if c.approximate else "")
         method = c.method + (f" ({c.variant})" if c.variant else "")
         lines.append(f"| `{c.name}` | {c.batch} | {method} | {c.iterations} | {paper} |")
     lines += ["", n["extra"], "",

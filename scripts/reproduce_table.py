@@ -26,7 +26,6 @@ Launchers: ``local`` (this machine, ``--num-gpus`` processes), ``machines`` (thi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -36,8 +35,8 @@ from typing import List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from agvm.results import cell_output_dir, cell_result, comparison_rows, rows_to_markdown  # noqa: E402
-from agvm.runner import run_logged, run_all  # noqa: E402
+from agvm.results import cell_output_dir, cell_result, comparison_rows, read_run, rows_to_markdown  # noqa: E402
+from agvm.runner import parse_with_overrides, run_all, run_logged  # noqa: E402
 from agvm.tables import TABLES, Cell, Table, get_table  # noqa: E402
 
 SLURM_MASTER = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
@@ -62,12 +61,7 @@ def parse_args(argv=None):
                    help="markdown file, {table} and {scale} filled in; default projects/{table}/results/{scale}.md")
     p.add_argument("--rerun", action="store_true", help="run cells that already have a final metric again")
     p.add_argument("--python", default=sys.executable, help="interpreter for train_net.py; default this one")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    if len(opts) % 2:
-        p.error(f"overrides must be KEY VALUE pairs, got {opts}")
-    args.opts = opts
+    args = parse_with_overrides(p, argv)
     for name in ("num_gpus", "num_machines", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
@@ -119,7 +113,7 @@ def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
 def write_report(args, table: Table, argv_line: str) -> str:
     rows = comparison_rows(table, args.scale, args.output_abs)
     runs = [cell_output_dir(args.output_abs, table.name, args.scale, r["cell"]) for r in rows]
-    records = [json.load(open(os.path.join(d, "agvm_run.json"))) for d in runs if os.path.exists(os.path.join(d, "agvm_run.json"))]
+    records = [r for r in map(read_run, runs) if r]
     machines = sorted({r.get("machine", "?") for r in records})
     total = sum(r.get("wall_s") or 0 for r in records)
     lines = [f"# {table.title}: {args.scale} table", ""]

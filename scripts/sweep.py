@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agvm.results import cell_result  # noqa: E402
-from agvm.runner import run_all, run_logged  # noqa: E402
+from agvm.runner import parse_with_overrides, run_all, run_logged  # noqa: E402
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -144,12 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--slurm-args", default="", help="extra #SBATCH lines' options, e.g. '--partition=gpu --time=4:00:00'")
     p.add_argument("--report-only", action="store_true", help="only aggregate existing output")
     p.add_argument("--python", default=sys.executable, help="interpreter for train_net.py (default: this one)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    if len(extra) % 2:
-        p.error(f"overrides after -- must be KEY VALUE pairs, got {extra}")
-    args.opts = extra
+    args = parse_with_overrides(p, argv)
     try:
         args.grid = parse_grid(args.grid)
     except ValueError as e:
