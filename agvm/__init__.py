@@ -14,7 +14,7 @@ from . import compat as _compat
 
 _compat.apply()
 
-from .core import AGVM, GradientVarianceModulator, gradient_variance  # noqa: E402
+from .core import AGVM, GradientVarianceModulator, gradient_variance, preserved_state  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "build_agvm_optimizer",
     "gradient_variance",
     "group_parameters",
+    "preserved_state",
     "__version__",
 ]
 

@@ -182,7 +182,7 @@ def _agvm(cell: Cell, warmup: int, scale: str) -> List[Setting]:
     out: List[Setting] = [
         warm,
         ("SOLVER.CLIP_GRADIENTS.ENABLED", True, ""),
-        ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", ""),
+        ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model", ""),
         ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0, "max L2 norm (whole model)"),
         ("SOLVER.CLIP_GRADIENTS.NORM_TYPE", 2.0, ""),
         ("SOLVER.CLIP_GRADIENTS.ITER_RANGE", (lo, hi), "only around the end of warm-up"),

@@ -14,15 +14,21 @@ A plain PyTorch loop (each parameter group tagged with its module under ``"agvm_
     opt = AGVM(torch.optim.SGD(groups, lr=0.1, momentum=0.9), anchor="backbone", interval=10)
     for it, (x, y) in enumerate(loader):
         opt.zero_grad()
-        if opt.should_estimate(it):              # every τ-th iteration: two half-batches
+        if opt.should_estimate(it):              # every τ-th iteration: measure Φ on two halves
             h = len(x) // 2
-            loss_fn(net(x[:h]), y[:h]).backward()
-            opt.stash_first_half()
-            loss_fn(net(x[h:]), y[h:]).backward()
-            opt.finish_second_half(it)           # Φ, μ updated; p.grad = mean of the halves
-        else:
-            loss_fn(net(x), y).backward()
+            with preserved_state(net):           # BN statistics, EMAs and RNG put back after
+                loss_fn(net(x[:h]), y[:h]).backward()
+                opt.stash_first_half()
+                loss_fn(net(x[h:]), y[h:]).backward()
+                opt.finish_second_half(it)       # Φ, μ updated; the half gradients dropped
+        loss_fn(net(x), y).backward()            # the step is always the plain one
         opt.step()
+
+AGVM changes training only through μ: the half-batch gradients exist only to measure Φ. With
+gradient accumulation over an even number of micro-batches the halves come for free: call
+:meth:`AGVM.copy_first_half` after the first half of the micro-batches and
+:meth:`AGVM.finish_accumulated` after the last (the accumulated gradient is the step). Under
+DDP the halves are ranks (:mod:`agvm.distributed`), with no extra pass either.
 """
 
 from __future__ import annotations
@@ -192,12 +198,17 @@ class AGVM(Optimizer):
         self, iteration: int, grad_scale: float = 1.0, skip_if_nonfinite: bool = False
     ) -> Dict[str, Dict[str, float]]:
         """Φ per module from the stashed first half and the current (second-half) gradients;
-        update μ; leave ``p.grad`` = the mean of the two halves for the step.
+        update μ; then drop both (``p.grad`` = None).
+
+        The half-batch passes only *measure*: take the step from an ordinary pass over the
+        whole batch afterwards (see the module docstring, and :func:`agvm.core.preserved_state`
+        for running the halves without touching BN statistics, loss normalisers or the RNG).
 
         Args:
             iteration: the current iteration (for the modulator's bookkeeping).
-            grad_scale: factor that unscales the gradients (1 / loss scale under AMP; default
-                1.0). The cosine is scale-invariant; Adam preconditioning is not.
+            grad_scale: factor that turns each half's gradient into that half's mean gradient
+                (1 / loss scale under AMP; default 1.0). The cosine is scale-invariant; Adam
+                preconditioning is not.
             skip_if_nonfinite: when any module's gradient is non-finite (an overflowed AMP
                 step, which the GradScaler skips), leave μ unchanged altogether (default
                 False: only the affected modules keep their μ).
@@ -211,14 +222,37 @@ class AGVM(Optimizer):
             first = [self._stash.get(p) for p in params]
             second = [p.grad for p in params]
             stats[module] = gradient_stats(first, second, self._transform(params, grad_scale))
-            for p, g1 in zip(params, first):
-                if g1 is None:
-                    if p.grad is not None:
-                        p.grad.mul_(0.5)
-                elif p.grad is None:
-                    p.grad = g1.mul_(0.5)
-                else:
-                    p.grad.add_(g1).mul_(0.5)
+            for p in params:
+                p.grad = None
+        self._stash = {}
+        return self.update_from_stats(iteration, stats, skip_if_nonfinite)
+
+    @torch.no_grad()
+    def copy_first_half(self) -> None:
+        """Copy the gradients accumulated so far (the first half of an accumulated batch) aside;
+        ``p.grad`` keeps accumulating. Call between the micro-batches of the two halves, then
+        :meth:`finish_accumulated` after the last one. Extra memory: one set of gradients."""
+        self._stash = {}
+        for params in self.params_by_module().values():
+            for p in params:
+                self._stash[p] = None if p.grad is None else p.grad.detach().clone()
+
+    @torch.no_grad()
+    def finish_accumulated(
+        self, iteration: int, grad_scale: float = 1.0, skip_if_nonfinite: bool = False
+    ) -> Dict[str, Dict[str, float]]:
+        """Φ per module between the copied first half G1 and the rest, ``p.grad − G1``; update μ.
+        ``p.grad`` (the whole accumulated batch) is left as it is, so the step is the plain one.
+        ``grad_scale`` turns each half's accumulated sum into its mean gradient (2 when every
+        micro-batch loss was divided by the number of micro-batches; times 1 / loss scale under
+        AMP). Returns ``{"phi": {module: Φ}, "mu": {module: μ}}`` like :meth:`finish_second_half`."""
+        if not self._stash:
+            raise RuntimeError("finish_accumulated() called without copy_first_half() before it")
+        stats = {}
+        for module, params in self.params_by_module().items():
+            first = [self._stash.get(p) for p in params]
+            rest = (_difference(p.grad, g1) for p, g1 in zip(params, first))
+            stats[module] = gradient_stats(first, rest, self._transform(params, grad_scale))
         self._stash = {}
         return self.update_from_stats(iteration, stats, skip_if_nonfinite)
 
@@ -260,7 +294,7 @@ class AGVM(Optimizer):
             v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
             second = (1.0 - beta2) * grad * grad
             if v is not None:
-                second = second + beta2 * v.reshape(-1).float()
+                second = second + beta2 * v.reshape(-1).to(grad.dtype)
             return grad / (second.sqrt() + eps)
 
         return precondition
@@ -291,6 +325,13 @@ class AGVM(Optimizer):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+
+def _difference(total: Optional[torch.Tensor], first: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``total − first`` (None stands for zero)."""
+    if total is None:
+        return None if first is None else -first
+    return total if first is None else total - first
 
 
 def _ordered_modules(groups: Iterable[Mapping]) -> List[str]:

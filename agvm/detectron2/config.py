@@ -60,7 +60,9 @@ def add_agvm_config(cfg: CN) -> None:
     _C.SOLVER.GRAD_ACCUM_STEPS = 1
     # Gradient clipping (detectron2's SOLVER.CLIP_GRADIENTS.*) restricted to iterations
     # [start, end] (inclusive, 0-based). (-1, -1) = every iteration. The authors' release clips
-    # (L2 norm, max 1.0) only in [warm-up − 100, warm-up + 100].
+    # the whole model's L2 norm to 1.0 only in [warm-up − 100, warm-up + 100].
+    # CLIP_TYPE: "value" and "norm" keep detectron2's meaning ("norm" clips each parameter
+    # tensor separately); "full_model" clips one norm over all parameters (the release's).
     _C.SOLVER.CLIP_GRADIENTS.ITER_RANGE = (-1, -1)
     # Under DDP, all-reduce gradients in fp16 on ordinary iterations (torch's fp16 compression
     # hook; with AGVM its comm hook does the same, and AGVM iterations stay in full precision).

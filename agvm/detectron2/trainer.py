@@ -1,11 +1,23 @@
 """AGVMTrainer: detectron2's DefaultTrainer with the AGVM optimizer and its training step.
 
-On an AGVM iteration (every τ-th from the start iteration) of a single process, the step
-splits the process's batch into two halves, runs forward/backward on each, measures
-Φ = 1 − cos(G1, G2) per module, updates μ, and steps with the mean (G1 + G2) / 2. Other
-iterations are a plain step (with μ applied). With ``SOLVER.GRAD_ACCUM_STEPS`` = k > 1 the
-batch is cut into k micro-batches: on AGVM iterations they alternate between the halves (an
-odd k splits every micro-batch in two instead, so both halves stay equal).
+AGVM changes training only through μ. On an AGVM iteration (every τ-th from the start
+iteration) of a single process, Φ = 1 − cos(G1, G2) per module is measured on two half-batches
+and μ is updated; the step itself is the plain iteration's, so the parameters, BatchNorm running
+statistics, loss normalisers and RNG afterwards are those of a run without AGVM (then scaled by
+μ). Where the halves come from:
+
+- ``SOLVER.GRAD_ACCUM_STEPS`` = k even: free. The plain iteration already runs k micro-batches;
+  the first k/2 are half 1 and the last k/2 half 2 (a copy of the gradient is taken between
+  them). Each micro-batch has its own BN batch statistics, as in plain accumulation.
+- k odd (1 included): two extra passes before the plain one, each over half of the batch (in
+  k micro-batches of half the size), inside :func:`agvm.core.preserved_state` (buffers, Python
+  number attributes such as RetinaNet's ``loss_normalizer``, RNG put back) and a throw-away
+  EventStorage (their losses are not logged). BN normalises each half with its own batch
+  statistics: Φ is what 2-rank DDP without SyncBN would measure. Cost: about one extra plain
+  iteration per AGVM iteration.
+
+Under DDP the halves are ranks: the comm hook (:mod:`agvm.distributed`) measures them during
+the ordinary backward, with no extra pass.
 """
 
 from __future__ import annotations
@@ -25,11 +37,12 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.engine.defaults import default_writers
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
+from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter, get_event_storage
 
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.optim import AGVM, MODULE_KEY
+from ..core.sandbox import preserved_state
 from ..distributed import AGVMHookState, agvm_comm_hook
 from ..solver import build_lr_scheduler
 from .build import build_agvm_optimizer
@@ -141,30 +154,33 @@ class AGVMStepTrainer(SimpleTrainer):
             return
         agvm = self.agvm
         estimate = agvm is not None and agvm.should_estimate(iteration)
-        split = estimate and self.hook_state is None  # one process: two half-batches
-        pairs = split_batch(data, self.accum_steps, halves=split)
-        per_half = [sum(1 for h, _ in pairs if h == k) for k in (0, 1)]
+        k = self.accum_steps
+        chunks = [items for _, items in split_batch(data, k, halves=False)]
         self.optimizer.zero_grad()
-        if estimate and not split:
+        out = None
+        if estimate and self.hook_state is None and k % 2 == 1:
+            out = self._measure_halves(data, iteration)  # extra passes; the model left as it was
+        if estimate and self.hook_state is not None:
             self.hook_state.estimate = True
+        # the plain iteration: k micro-batches, each loss divided by k
         totals: Dict[str, float] = {}
         no_sync = getattr(self.model, "no_sync", None)
-        for index, (half, items) in enumerate(pairs):
-            if split and half == 1 and pairs[index - 1][0] == 0:
-                agvm.stash_first_half()
-            last = index == len(pairs) - 1
+        for index, items in enumerate(chunks):
+            last = index == k - 1
             with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
                 loss_dict = self._forward(items)
-                weight = 1.0 / per_half[half]
-                self._backward(sum(loss_dict.values()) * weight)
-            share = weight / (2 if split else 1)
-            for k, v in loss_dict.items():
-                totals[k] = totals.get(k, 0.0) + v.detach() * share
-        if split:
-            scale = float(self.grad_scaler.get_scale()) if self.amp else 1.0
-            self._log_agvm(agvm.finish_second_half(iteration, grad_scale=1.0 / scale, skip_if_nonfinite=self.amp))
-        elif estimate:
-            self._log_agvm(agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp))
+                self._backward(sum(loss_dict.values()) / k)
+            for name, v in loss_dict.items():
+                totals[name] = totals.get(name, 0.0) + v.detach() / k
+            if estimate and self.hook_state is None and k % 2 == 0 and index == k // 2 - 1:
+                agvm.copy_first_half()
+        if estimate and self.hook_state is None and k % 2 == 0:
+            # each half's accumulated sum is half its mean gradient
+            out = agvm.finish_accumulated(iteration, grad_scale=2.0 / self._loss_scale(), skip_if_nonfinite=self.amp)
+        elif estimate and self.hook_state is not None:
+            out = agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp)
+        if out is not None:
+            self._log_agvm(out)
         self._write_metrics(totals, data_time)
         self._clip(iteration)
         if self.amp:
@@ -172,6 +188,31 @@ class AGVMStepTrainer(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def _loss_scale(self) -> float:
+        return float(self.grad_scaler.get_scale()) if self.amp else 1.0
+
+    def _measure_halves(self, data, iteration):
+        """Φ from two extra half-batch passes (k micro-batches each), μ updated; the model's
+        buffers and number attributes, the RNG and the event storage as they were before."""
+        agvm = self.agvm
+        pairs = split_batch(data, self.accum_steps, halves=True)
+        per_half = len(pairs) // 2
+        storage = get_event_storage()
+        model = _unwrap(self.model)
+        # each half starts from the iteration's state (as each rank of a 2-rank DDP run would);
+        # the RNG runs on through both halves and is put back at the end
+        with preserved_state(model), EventStorage(storage.iter):
+            for half in (0, 1):
+                with preserved_state(model, rng=False):
+                    for _, items in pairs[half * per_half:(half + 1) * per_half]:
+                        loss_dict = self._forward(items)
+                        self._backward(sum(loss_dict.values()) / per_half)
+                        del loss_dict
+                if half == 0:
+                    agvm.stash_first_half()
+            out = agvm.finish_second_half(iteration, grad_scale=1.0 / self._loss_scale(), skip_if_nonfinite=self.amp)
+        return out
 
     def _sam_step(self, data, data_time, iteration):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -256,6 +297,10 @@ def _frozen_bn_stats(model):
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _rng_state() -> dict:
@@ -493,7 +538,8 @@ def _check_norm_device(cfg) -> None:
 
 
 def _check_split_batch(cfg) -> None:
-    """Fail before training when AGVM's split step cannot halve the per-process batch."""
+    """Fail before training when the batch cannot be cut into micro-batches, or (one process,
+    odd ``SOLVER.GRAD_ACCUM_STEPS``) AGVM's measuring passes cannot halve them."""
     world = comm.get_world_size()
     batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS
     if batch % world:
@@ -504,9 +550,9 @@ def _check_split_batch(cfg) -> None:
             f"the per-process batch SOLVER.IMS_PER_BATCH / world = {per_process} is not divisible by "
             f"SOLVER.GRAD_ACCUM_STEPS={k}"
         )
-    if cfg.SOLVER.AGVM.ENABLED and k % 2 == 1 and (per_process // k < 2 or (per_process // k) % 2):
+    if world == 1 and cfg.SOLVER.AGVM.ENABLED and k % 2 == 1 and (per_process // k < 2 or (per_process // k) % 2):
         raise ValueError(
-            f"AGVM splits each micro-batch into two halves: the per-process batch "
+            f"AGVM measures Φ on two halves of each micro-batch: the per-process batch "
             f"(SOLVER.IMS_PER_BATCH={batch} / world {world} / SOLVER.GRAD_ACCUM_STEPS={k} = {per_process // k}) "
             "must be even and ≥ 2"
         )
@@ -543,10 +589,22 @@ def _find_sampler(loader, depth: int = 6) -> Optional[ResumableTrainingSampler]:
 
 
 def _clip_fn(cfg):
+    """The clipping of ``SOLVER.CLIP_GRADIENTS``: detectron2's ``"value"`` (each element to
+    ±CLIP_VALUE) and ``"norm"`` (each parameter tensor separately to L-NORM_TYPE norm ≤
+    CLIP_VALUE), plus ``"full_model"`` (one norm over all parameters together, the authors'
+    release and Mask2Former's name for it)."""
     c = cfg.SOLVER.CLIP_GRADIENTS
     if c.CLIP_TYPE == "value":
         return lambda params: torch.nn.utils.clip_grad_value_(params, c.CLIP_VALUE)
     if c.CLIP_TYPE == "norm":
+        def per_parameter(params):
+            for p in params:
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(p, c.CLIP_VALUE, c.NORM_TYPE)
+        return per_parameter
+    if c.CLIP_TYPE == "full_model":
         return lambda params: torch.nn.utils.clip_grad_norm_(params, c.CLIP_VALUE, c.NORM_TYPE)
-    raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={c.CLIP_TYPE!r} must be 'value' or 'norm'")
-
+    raise ValueError(
+        f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={c.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, detectron2's "
+        "meaning) or 'full_model' (one norm over the whole model)"
+    )
