@@ -1,16 +1,22 @@
 #!/usr/bin/env python
 """Single-process AGVM overhead on the mini detector: time per iteration and extra peak memory.
 
-Three step flavours of the same model on the same pre-loaded batches, interleaved round-robin
-in one process (so machine noise hits all three alike), median over many iterations:
+Step flavours of the same model on the same pre-loaded batches, interleaved round-robin in
+one process (so machine noise hits all alike), median over many iterations:
 
-  plain     the bare SGD optimizer: detectron2's ordinary step
-  ordinary  AGVM-wrapped SGD on a non-AGVM iteration (μ applied: lr scale / restore)
-  agvm      an AGVM iteration: two half-batch forward/backward passes + Φ per module + μ update
+  plain          the bare SGD optimizer: detectron2's ordinary step
+  ordinary       AGVM-wrapped SGD on a non-AGVM iteration (μ applied: lr scale / restore)
+  agvm           an AGVM iteration on one process, GRAD_ACCUM_STEPS 1: two extra half-batch
+                 passes (inside preserved_state) measure Φ, then the plain pass steps
+  measure        the same with MEASURE_ONLY (μ stays 1): the baselines that log Φ
+  plain_accum2   the bare optimizer, GRAD_ACCUM_STEPS 2
+  agvm_accum2    an AGVM iteration with GRAD_ACCUM_STEPS 2: the halves are the two micro-batches
+                 (no extra pass; a gradient copy and Φ)
 
-Amortized overhead at interval τ = (t_agvm + (τ − 1)·t_ordinary) / (τ·t_plain) − 1.
-Peak memory: each flavour runs alone in a child process (peak RSS from getrusage); the extra
-of "agvm" over "plain" is compared with the size of one copy of the gradients.
+Amortized overhead at interval τ = (t_estimate + (τ − 1)·t_ordinary) / (τ·t_plain) − 1 (against
+plain_accum2 for agvm_accum2).
+Peak memory: plain and agvm each run alone in a child process (peak RSS from getrusage); the
+extra of "agvm" over "plain" is compared with the size of one copy of the gradients.
 
     python benchmarks/overhead_single.py [--iters 40] [--warmup 5] [--batch 8] [--json PATH]
 """
@@ -29,7 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "faster_rcnn_R18_FPN_shapes.yaml")
-FLAVOURS = ("plain", "ordinary", "agvm")
+FLAVOURS = ("plain", "ordinary", "agvm", "measure", "plain_accum2", "agvm_accum2")
 
 
 def build(batch: int, n_batches: int):
@@ -55,10 +61,15 @@ def build(batch: int, n_batches: int):
     plain_opt = build_agvm_optimizer(cfg, model)
     cfg.SOLVER.AGVM.ENABLED = True
     agvm_opt = build_agvm_optimizer(cfg, model)
+    cfg.SOLVER.AGVM.MEASURE_ONLY = True
+    measure_opt = build_agvm_optimizer(cfg, model)
     steps = {
         "plain": AGVMStepTrainer(model, batches, plain_opt),
         "ordinary": AGVMStepTrainer(model, batches, agvm_opt),
         "agvm": AGVMStepTrainer(model, batches, agvm_opt),
+        "measure": AGVMStepTrainer(model, batches, measure_opt),
+        "plain_accum2": AGVMStepTrainer(model, batches, plain_opt, accum_steps=2),
+        "agvm_accum2": AGVMStepTrainer(model, batches, agvm_opt, accum_steps=2),
     }
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return steps, batches, grad_bytes
@@ -67,11 +78,14 @@ def build(batch: int, n_batches: int):
 def run_one(step, batch_data, flavour: str, iteration: int) -> float:
     import torch
 
-    step._data_loader_iter = iter([batch_data])
+    from agvm.detectron2.trainer import _share_iterator
+
+    step.data_loader = [batch_data]
+    _share_iterator(step, None)
     step.iter = iteration
     if flavour == "ordinary":
         step.optimizer.should_estimate = lambda it: False
-    elif flavour == "agvm":
+    elif flavour in ("agvm", "measure", "agvm_accum2"):
         step.optimizer.should_estimate = lambda it: True
     torch.set_grad_enabled(True)
     t0 = time.perf_counter()
@@ -86,7 +100,8 @@ def timing(args) -> dict:
     times = {f: [] for f in FLAVOURS}
     with EventStorage(0):
         for r in range(args.warmup + args.iters):
-            order = FLAVOURS[r % 3:] + FLAVOURS[:r % 3]  # rotate who goes first
+            k = r % len(FLAVOURS)
+            order = FLAVOURS[k:] + FLAVOURS[:k]  # rotate who goes first
             for f in order:
                 t = run_one(steps[f], batches[r % len(batches)], f, r)
                 if r >= args.warmup:
@@ -135,17 +150,29 @@ def main(argv=None) -> int:
     t = timing(args)
     m = memory(args)
     med = t["median_s"]
-    rows = [("plain (bare SGD)", med["plain"], 0.0), ("AGVM ordinary iter", med["ordinary"], med["ordinary"] / med["plain"] - 1),
-            ("AGVM estimate iter", med["agvm"], med["agvm"] / med["plain"] - 1)]
-    print("\n| step | median time / iter | vs plain |")
+    base = {"plain": "plain", "ordinary": "plain", "agvm": "plain", "measure": "plain",
+            "plain_accum2": "plain_accum2", "agvm_accum2": "plain_accum2"}
+    names = {"plain": "plain (bare SGD)", "ordinary": "AGVM ordinary iter", "agvm": "AGVM estimate iter",
+             "measure": "MEASURE_ONLY estimate iter", "plain_accum2": "plain, GRAD_ACCUM_STEPS 2",
+             "agvm_accum2": "AGVM estimate iter, GRAD_ACCUM_STEPS 2"}
+    print("\n| step | median time / iter | vs its plain |")
     print("|---|---|---|")
-    for name, sec, rel in rows:
-        print(f"| {name} | {sec * 1000:.1f} ms | {rel * 100:+.1f} % |")
-    amortized = {tau: (med["agvm"] + (tau - 1) * med["ordinary"]) / (tau * med["plain"]) - 1 for tau in (5, 10, 20)}
-    print("\n| τ | amortized overhead |")
-    print("|---|---|")
-    for tau, v in amortized.items():
-        print(f"| {tau} | {v * 100:+.2f} % |")
+    for f in FLAVOURS:
+        print(f"| {names[f]} | {med[f] * 1000:.1f} ms | {(med[f] / med[base[f]] - 1) * 100:+.1f} % |")
+
+    def amortize(estimate, ordinary, plain, tau):
+        return (med[estimate] + (tau - 1) * med[ordinary]) / (tau * med[plain]) - 1
+
+    amortized = {
+        "agvm": {tau: amortize("agvm", "ordinary", "plain", tau) for tau in (5, 10, 20)},
+        "measure": {tau: amortize("measure", "plain", "plain", tau) for tau in (5, 10, 20)},
+        "agvm_accum2": {tau: amortize("agvm_accum2", "plain_accum2", "plain_accum2", tau) for tau in (5, 10, 20)},
+    }
+    print("\n| τ | AGVM, accum 1 | MEASURE_ONLY, accum 1 | AGVM, accum 2 |")
+    print("|---|---|---|---|")
+    for tau in (5, 10, 20):
+        print(f"| {tau} | {amortized['agvm'][tau] * 100:+.2f} % | {amortized['measure'][tau] * 100:+.2f} % | "
+              f"{amortized['agvm_accum2'][tau] * 100:+.2f} % |")
     extra = m["agvm"] - m["plain"]
     print("\n| peak RSS plain | peak RSS AGVM (every iter) | extra | one copy of the gradients |")
     print("|---|---|---|---|")

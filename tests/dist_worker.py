@@ -39,9 +39,16 @@ def make(seed=0):
     return net, groups
 
 
+def make_optimizer(groups, adam=False):
+    if adam:
+        return torch.optim.AdamW(groups, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+
+
 def run(rank, world, port, out_dir, iters, interval, mode):
     """mode: "hook" (AGVM with the comm hook), "hook_plain" (hook, never estimating),
-    "hook_fp16" (AGVM, fp16-compressed ordinary iterations), "ddp" (plain DDP, no hook)."""
+    "hook_fp16" (AGVM, fp16-compressed ordinary iterations), "hook_adam" (AdamW, Φ on
+    Adam-preconditioned half means), "ddp" (plain DDP, no hook)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from agvm.core.optim import AGVM
@@ -52,18 +59,19 @@ def run(rank, world, port, out_dir, iters, interval, mode):
     net, groups = make()
     # tiny buckets: several buckets per backward, so the ordering hazard would show
     ddp = DDP(net, bucket_cap_mb=0.002)
-    opt = AGVM(torch.optim.SGD(groups, lr=0.05, momentum=0.9), interval=interval, clamp=None)
+    opt = AGVM(make_optimizer(groups, mode == "hook_adam"), interval=interval, clamp=None)
     state = None
     if mode != "ddp":
         module_of = {p: g["agvm_module"] for g in groups for p in g["params"]}
-        state = AGVMHookState(module_of, ["backbone", "head"], compress_fp16=mode == "hook_fp16")
+        state = AGVMHookState(module_of, ["backbone", "head"], compress_fp16=mode == "hook_fp16",
+                              precondition=opt.preconditioner() if opt.precondition else None)
         ddp.register_comm_hook(state, agvm_comm_hook)
     phis, mus, extra = {}, {}, []
     for it in range(iters):
         x, y = global_batch(it, world)
         xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
         opt.zero_grad()
-        estimate = mode in ("hook", "hook_fp16") and opt.should_estimate(it)
+        estimate = mode in ("hook", "hook_fp16", "hook_adam") and opt.should_estimate(it)
         if state is not None:
             state.estimate = estimate
         nn.functional.mse_loss(ddp(xs), ys).backward()

@@ -29,13 +29,15 @@ def _spawn(world, out_dir, mode):
     return [torch.load(out_dir / f"{mode}_{r}.pt") for r in range(world)]
 
 
-def _reference(world):
+def _reference(world, adam=False):
     """One process: per-rank gradients, G1 = mean over the first half's ranks, G2 over the
-    second's, Φ per module, μ, and SGD on the mean of all ranks."""
+    second's, Φ per module (AGVM's own single-process measurement on exactly those halves,
+    Adam-preconditioned with ``adam``), μ, and the optimizer on the mean of all ranks."""
+    from agvm.core.optim import AGVM
+
     net, groups = dist_worker.make()
-    modules = {"backbone": list(net.backbone.parameters()), "head": list(net.head.parameters())}
-    opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
-    mod = GradientVarianceModulator(["backbone", "head"], interval=INTERVAL, clamp=None)
+    opt = AGVM(dist_worker.make_optimizer(groups, adam), interval=INTERVAL, clamp=None)
+    assert opt.precondition == adam
     n_a, _ = half_sizes(world)
     phis = {}
     for it in range(ITERS):
@@ -48,20 +50,38 @@ def _reference(world):
             per_rank.append({id(p): p.grad.clone() for p in net.parameters()})
         mean = lambda rs: {k: sum(g[k] for g in rs) / len(rs) for k in rs[0]}  # noqa: E731
         g1, g2, full = mean(per_rank[:n_a]), mean(per_rank[n_a:]), mean(per_rank)
-        if mod.is_update_iter(it):
-            phis[it] = {
-                m: gradient_variance([g1[id(p)] for p in ps], [g2[id(p)] for p in ps]) for m, ps in modules.items()
-            }
-            mod.update(it, phis[it])
+        if opt.should_estimate(it):
+            for p in net.parameters():
+                p.grad = g1[id(p)].clone()
+            opt.stash_first_half()
+            for p in net.parameters():
+                p.grad = g2[id(p)].clone()
+            phis[it] = opt.finish_second_half(it)["phi"]
         for p in net.parameters():
             p.grad = full[id(p)]
-        saved = [g["lr"] for g in opt.param_groups]
-        for g in opt.param_groups:
-            g["lr"] *= mod.mu[g["agvm_module"]]
         opt.step()
-        for g, lr in zip(opt.param_groups, saved):
-            g["lr"] = lr
-    return phis, dict(mod.mu), [p.detach().clone() for p in net.parameters()]
+    return phis, opt.mu, [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_adam_preconditioned_hook_matches_single_process(world, tmp_path):
+    """AdamW under DDP: Φ on Adam-preconditioned half means, as the single process measures it
+    on the same halves (rel ≤ 1e-5), μ alike, ranks bit-identical."""
+    results = _spawn(world, tmp_path, "hook_adam")
+    ref_phis, ref_mu, ref_params = _reference(world, adam=True)
+    plain_phis, _, _ = _reference(world, adam=False)
+    for r, res in enumerate(results):
+        assert sorted(res["phis"]) == sorted(ref_phis) == [0, 2, 4]
+        for it, phi in ref_phis.items():
+            for m in ("backbone", "head"):
+                assert res["phis"][it][m] == pytest.approx(phi[m], rel=1e-5), (world, r, it, m)
+        assert res["mus"][4] == pytest.approx(ref_mu, rel=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(res["params"], results[0]["params"]))
+    # the preconditioning changes Φ (else this test would not tell the two paths apart)
+    assert any(abs(ref_phis[it][m] - plain_phis[it][m]) > 1e-3 * plain_phis[it][m] for it in ref_phis for m in ("backbone", "head"))
+    for a, b in zip(results[0]["params"], ref_params):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.ddp

@@ -273,31 +273,37 @@ class AGVM(Optimizer):
         mu = self.modulator.update(iteration, phi)
         return {"phi": phi, "mu": mu}
 
-    def _transform(self, params: Iterable[torch.Tensor], grad_scale: float = 1.0):
-        if not self.precondition:
-            if grad_scale == 1.0:
-                return None
-            return lambda i, grad: grad * grad_scale
-        params = list(params)
-        group_of = {}
-        for g in self.param_groups:
-            for p in g["params"]:
-                group_of[p] = g
+    def preconditioner(self, grad_scale: float = 1.0):
+        """``f(param, grad, index) -> g / (sqrt(β2·v + (1 − β2)·g²) + ε)``: the Adam
+        preconditioning of a half-batch gradient ``grad`` (flat, any float dtype) of ``param``'s
+        elements ``index`` (a slice; ``slice(None)`` = all), with v the optimizer's current second
+        moment (``exp_avg_sq``; none yet = 0) and β2, ε of ``param``'s group. ``grad`` is first
+        multiplied by ``grad_scale`` (1 / loss scale under AMP). Used by :meth:`finish_second_half`
+        and by the DDP comm hook."""
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
 
-        def precondition(i: int, grad: torch.Tensor) -> torch.Tensor:
+        def precondition(p: torch.Tensor, grad: torch.Tensor, index: slice = slice(None)) -> torch.Tensor:
             if grad_scale != 1.0:
                 grad = grad * grad_scale
-            p = params[i]
             group = group_of[p]
             beta2 = group["betas"][1]
             eps = group.get("eps", 1e-8)
             v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
             second = (1.0 - beta2) * grad * grad
             if v is not None:
-                second = second + beta2 * v.reshape(-1).to(grad.dtype)
+                second = second + beta2 * v.reshape(-1)[index].to(grad.dtype)
             return grad / (second.sqrt() + eps)
 
         return precondition
+
+    def _transform(self, params: Iterable[torch.Tensor], grad_scale: float = 1.0):
+        if not self.precondition:
+            if grad_scale == 1.0:
+                return None
+            return lambda i, grad: grad * grad_scale
+        params = list(params)
+        precondition = self.preconditioner(grad_scale)
+        return lambda i, grad: precondition(params[i], grad)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

@@ -166,12 +166,6 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
         return optimizer
     a = s.AGVM
     precondition = {"auto": "auto", "on": True, "off": False}[a.PRECONDITION]
-    if precondition == "auto" and comm.get_world_size() > 1 and is_adam_like(optimizer):
-        logger.warning(
-            "SOLVER.AGVM.PRECONDITION 'auto': the DDP comm hook measures Φ on plain gradients "
-            "(Adam preconditioning is single-process only for now)"
-        )
-        precondition = False
     wrapped = AGVM(
         optimizer,
         anchor=a.ANCHOR,

@@ -162,6 +162,7 @@ class AGVMStepTrainer(SimpleTrainer):
             out = self._measure_halves(data, iteration)  # extra passes; the model left as it was
         if estimate and self.hook_state is not None:
             self.hook_state.estimate = True
+            self.hook_state.grad_scale = 1.0 / self._loss_scale()
         # the plain iteration: k micro-batches, each loss divided by k
         totals: Dict[str, float] = {}
         no_sync = getattr(self.model, "no_sync", None)
@@ -489,16 +490,19 @@ class AGVMTrainer(Trainer):
 
 def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM, compress_fp16: bool = False) -> AGVMHookState:
     """Register :func:`agvm.distributed.agvm_comm_hook` on ``ddp`` for ``agvm``'s modules
-    (``compress_fp16``: fp16 all-reduce on ordinary iterations; default False)."""
-    if agvm.precondition:
-        raise ValueError(
-            "Adam-preconditioned similarity (SOLVER.AGVM.PRECONDITION) is not supported by the DDP comm "
-            "hook yet: set SOLVER.AGVM.PRECONDITION 'off' for multi-process training"
-        )
+    (``compress_fp16``: fp16 all-reduce on ordinary iterations; default False). With
+    ``agvm.precondition`` the hook measures Φ on Adam-preconditioned half means, as the
+    authors' release does for AdamW."""
     module_of = {p: m for m, ps in agvm.params_by_module().items() for p in ps}
-    state = AGVMHookState(module_of, agvm.modulator.modules, compress_fp16=compress_fp16)
+    state = AGVMHookState(
+        module_of, agvm.modulator.modules, compress_fp16=compress_fp16,
+        precondition=agvm.preconditioner() if agvm.precondition else None,
+    )
     ddp.register_comm_hook(state, agvm_comm_hook)
-    logger.info(f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks")
+    logger.info(
+        f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks"
+        + ("; Φ on Adam-preconditioned gradients" if agvm.precondition else "")
+    )
     return state
 
 
