@@ -166,24 +166,6 @@ def test_mini_detector_under_ddp(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_cluster_env_parsing(monkeypatch):
-    from agvm.detectron2.launch import _cluster_env
-
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
-    assert _cluster_env() is None
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")
-    assert _cluster_env() == (5, 8, 1, 4)
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert _cluster_env() == (3, 4, 1, 2)  # torchrun first
-
-
 def test_syncbn_on_cpu_fails_before_building(tiny_shapes):
     from test_trainer import _cfg
 

@@ -40,8 +40,17 @@ __all__ = ["build_evaluator", "default_argument_parser", "print_results", "setup
 def default_argument_parser(epilog: Optional[str] = None):
     """detectron2's argument parser (``--config-file``, ``--num-gpus``, ``--eval-only``,
     ``--resume``, ``--num-machines``, ``--machine-rank``, ``--dist-url``, trailing
-    ``KEY VALUE`` overrides)."""
-    return _d2_argument_parser(epilog)
+    ``KEY VALUE`` overrides), with ``--dist-url`` defaulting to ``"auto"`` instead of
+    detectron2's ``tcp://127.0.0.1:<port>``: then processes started by torchrun or srun join
+    through their launcher's environment (MASTER_ADDR/MASTER_PORT, or the SLURM node list),
+    and a single machine picks a free local port. An explicit ``--dist-url`` always wins."""
+    parser = _d2_argument_parser(epilog)
+    parser.set_defaults(dist_url="auto")
+    for action in parser._actions:
+        if action.dest == "dist_url":
+            action.help = ("initialization URL of the process group (tcp://<machine 0>:<port>); default 'auto': "
+                           "the launcher's environment (torchrun, SLURM) or a free local port")
+    return parser
 
 
 def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> CfgNode:

@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("AGVM_DIST_TIMEOUT_S", 1800)))
 
 
-def run_device(args) -> str:
+def run_device(args, fall_back: bool = True) -> str:
     """``"cuda"`` or ``"cpu"``: the device the run's config asks for (config file, then the
-    ``KEY VALUE`` overrides), ``cpu`` when no GPU is present."""
+    ``KEY VALUE`` overrides); with ``fall_back`` (default) ``cpu`` when no GPU is present."""
     from detectron2.config import get_cfg
 
     from .config import add_agvm_config
@@ -42,7 +42,7 @@ def run_device(args) -> str:
     if getattr(args, "config_file", ""):
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(list(getattr(args, "opts", None) or []))
-    if cfg.MODEL.DEVICE.startswith("cuda") and torch.cuda.is_available():
+    if cfg.MODEL.DEVICE.startswith("cuda") and (torch.cuda.is_available() or not fall_back):
         return "cuda"
     return "cpu"
 
@@ -53,15 +53,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[03-05,09],cpu1"`` → ``"gpu03"``."""
+    head = nodelist.strip()
+    depth = 0
+    for i, c in enumerate(head):  # the first comma outside brackets ends the first entry
+        depth += c == "["
+        depth -= c == "]"
+        if c == "," and depth == 0:
+            head = head[:i]
+            break
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    first = ranges.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
+
+
+#: Port of the process group when SLURM starts the processes and MASTER_PORT is not set.
+SLURM_DEFAULT_PORT = 29500
+
+
 def _cluster_env():
-    """``(rank, world, local_rank, local_world)`` set by torchrun or SLURM, or None."""
+    """``(rank, world, local_rank, local_world, init_url)`` when torchrun (RANK, WORLD_SIZE,
+    LOCAL_RANK; MASTER_ADDR/MASTER_PORT → ``env://``) or SLURM's srun (SLURM_PROCID,
+    SLURM_NTASKS > 1, SLURM_LOCALID; MASTER_ADDR or the first host of SLURM_JOB_NODELIST,
+    MASTER_PORT or 29500) started this process; None otherwise."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
         return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
-                int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+                int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), "env://")
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"]), per_node
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
+        addr = env.get("MASTER_ADDR") or (_first_host(nodelist) if nodelist else "127.0.0.1")
+        port = env.get("MASTER_PORT", str(SLURM_DEFAULT_PORT))
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"]), per_node,
+                f"tcp://{addr}:{port}")
     return None
 
 
@@ -81,22 +109,32 @@ def launch(
         main_func: the per-process entry point.
         num_gpus_per_machine: processes per machine (GPUs, or CPU processes on CPU).
         num_machines, machine_rank, dist_url: as in detectron2 (``dist_url`` "auto" or None
-            picks a free local port on one machine; torchrun/SLURM use ``env://`` unless given).
+            picks a free local port on one machine; processes of torchrun/SLURM join through
+            the launcher's environment, see :func:`_cluster_env`, unless a URL is given).
         args: arguments of ``main_func``; ``args[0]`` is the parsed command line when
             ``device`` is None (its ``MODEL.DEVICE`` decides the backend).
         timeout: collective timeout.
-        device: "cuda" or "cpu"; default from the run's config (:func:`run_device`).
+        device: "cuda" or "cpu"; default from the run's config (:func:`run_device`). A CUDA
+            run of several processes where no GPU is visible fails before anything starts.
     """
+    requested = device
     if device is None:
-        device = run_device(args[0]) if args else ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if device == "cuda" else "gloo"
-    cluster = _cluster_env()
-    if cluster is not None:
-        rank, world, local_rank, local_world = cluster
-        url = dist_url if dist_url not in (None, "auto") else "env://"
-        _init(backend, url, world, rank, local_rank, local_world, timeout)
-        return main_func(*args)
+        requested = run_device(args[0], fall_back=False) if args else ("cuda" if torch.cuda.is_available() else "cpu")
     world = num_machines * num_gpus_per_machine
+    cluster = _cluster_env()
+    if requested == "cuda" and not torch.cuda.is_available() and (world > 1 or (cluster and cluster[1] > 1)):
+        raise ValueError(
+            f"the config asks for CUDA (MODEL.DEVICE) and {max(world, cluster[1] if cluster else 0)} processes, but no "
+            "GPU is visible; to train on CPU processes on purpose, add MODEL.DEVICE cpu (gloo), e.g. "
+            "`train_net.py --config-file <cfg> --num-gpus 2 MODEL.DEVICE cpu`"
+        )
+    device = "cuda" if requested == "cuda" and torch.cuda.is_available() else "cpu"
+    backend = "nccl" if device == "cuda" else "gloo"
+    if cluster is not None:
+        rank, cworld, local_rank, local_world, cluster_url = cluster
+        url = dist_url if dist_url not in (None, "auto") else cluster_url
+        _init(backend, url, cworld, rank, local_rank, local_world, timeout)
+        return main_func(*args)
     if world <= 1:
         return main_func(*args)
     if device == "cuda" and num_gpus_per_machine > torch.cuda.device_count():
