@@ -9,6 +9,7 @@ from torch import nn
 
 from agvm.core.modulator import GradientVarianceModulator
 from agvm.core.optim import AGVM, MODULE_KEY
+from agvm.core.sandbox import preserved_state
 from agvm.core.variance import gradient_stats, gradient_variance, variance_from_stats
 
 
@@ -389,16 +390,42 @@ def test_plain_pytorch_loop_example():
         opt.zero_grad()
         if opt.should_estimate(it):
             h = len(x) // 2
-            loss_fn(net(x[:h]), y[:h]).backward()
-            opt.stash_first_half()
-            loss_fn(net(x[h:]), y[h:]).backward()
-            opt.finish_second_half(it)
-        else:
-            loss = loss_fn(net(x), y)
-            loss.backward()
-            first = float(loss) if first is None else first
-            last = float(loss)
+            with preserved_state(net):
+                loss_fn(net(x[:h]), y[:h]).backward()
+                opt.stash_first_half()
+                loss_fn(net(x[h:]), y[h:]).backward()
+                opt.finish_second_half(it)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        first = float(loss) if first is None else first
+        last = float(loss)
         opt.step()
     assert opt.modulator.num_updates == 12
     assert last < 0.5 * first
     assert opt.mu["head"] != 1.0 and math.isfinite(opt.mu["head"])
+
+
+def test_plain_lr_returns_after_stop_iter():
+    """After stop_iter the step uses the plain lr (μ = 1), as the authors' release does; the
+    last μ is kept in the state (and applies again nowhere)."""
+    torch.manual_seed(0)
+    net = TwoModuleNet()
+    opt = AGVM(torch.optim.SGD(_groups(net), lr=0.1), interval=1, stop_iter=3)
+    opt.modulator.mu["head"] = 2.0
+    seen = []
+    inner = opt.optimizer.step
+
+    def spy(*a, **k):
+        seen.append({g["agvm_module"]: g["lr"] for g in opt.param_groups})
+        return inner(*a, **k)
+
+    opt.optimizer.step = spy
+    x, y = _data(0, 8)
+    for it in (3, 4):
+        opt.should_estimate(it)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    assert seen[0]["head"] == pytest.approx(0.2) and seen[1]["head"] == pytest.approx(0.1)
+    assert opt.mu["head"] == 2.0 and opt.modulator.applied_mu(4)["head"] == 1.0
+    assert all(g["lr"] == 0.1 for g in opt.param_groups)

@@ -33,7 +33,8 @@ class GradientVarianceModulator:
         start_iter: first iteration (0-based) at which μ is estimated (default 0). The
             reference release starts 100 iterations after warm-up; before ``start_iter`` μ = 1.
         stop_iter: last iteration at which μ may be estimated, or None for never stopping
-            (default None). After it, the last μ stays in force.
+            (default None). After it the plain learning rate returns (μ = 1 applied, see
+            :meth:`applied_mu`), as in the authors' release.
         clamp: ``(lo, hi)`` bounds of the ratio Φ_anchor / Φ_i before the square root, with
             ``0 < lo ≤ hi`` (default ``(0.5, 10.0)``, so μ_new ∈ [0.707, 3.16]), or None to
             disable clamping.
@@ -103,6 +104,13 @@ class GradientVarianceModulator:
         if self.stop_iter is not None and iteration > self.stop_iter:
             return False
         return (iteration - self.start_iter) % self.interval == 0
+
+    def applied_mu(self, iteration: int) -> Dict[str, float]:
+        """The μ to apply at ``iteration``: the current μ, or 1 for every module after
+        ``stop_iter``."""
+        if self.stop_iter is not None and iteration > self.stop_iter:
+            return {m: 1.0 for m in self.modules}
+        return self.mu
 
     def target(self, phi: Mapping[str, float]) -> Dict[str, float]:
         """μ_new per module for the variances ``phi`` (non-finite entries are left out)."""

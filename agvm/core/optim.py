@@ -132,6 +132,7 @@ class AGVM(Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._stash: Dict[torch.Tensor, Optional[torch.Tensor]] = {}
+        self._iteration: Optional[int] = None  # the last iteration given to should_estimate
 
     # ------------------------------------------------------------------ the step
     @property
@@ -141,12 +142,13 @@ class AGVM(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One step of the wrapped optimizer with each group's lr multiplied by its module's μ.
-
-        The lr values are restored exactly afterwards (even if the step raises).
+        """One step of the wrapped optimizer with each group's lr multiplied by its module's μ
+        (μ = 1 after the modulator's ``stop_iter``, counted from the iteration last given to
+        :meth:`should_estimate`). The lr values are restored exactly afterwards (even if the
+        step raises).
         """
         saved = [g["lr"] for g in self.param_groups]
-        mu = self.modulator.mu
+        mu = self.modulator.mu if self._iteration is None else self.modulator.applied_mu(self._iteration)
         for g in self.param_groups:
             g["lr"] = g["lr"] * mu[g[MODULE_KEY]]
         try:
@@ -170,7 +172,10 @@ class AGVM(Optimizer):
 
     # ------------------------------------------------------------------ Φ estimation
     def should_estimate(self, iteration: int) -> bool:
-        """Whether ``iteration`` (0-based) is an AGVM iteration (estimate Φ from two halves)."""
+        """Whether ``iteration`` (0-based) is an AGVM iteration (estimate Φ from two halves).
+        Call it once per iteration before :meth:`step`: it also tells the step which iteration
+        it is (after ``stop_iter`` the plain lr, μ = 1, is applied)."""
+        self._iteration = iteration
         return self.modulator.is_update_iter(iteration)
 
     def params_by_module(self) -> "OrderedDict[str, List[torch.Tensor]]":

@@ -80,7 +80,8 @@ def add_agvm_config(cfg: CN) -> None:
     _C.SOLVER.AGVM.INTERVAL = 10
     # First iteration (0-based) with an estimate; -1 = SOLVER.WARMUP_ITERS + 100 (the release).
     _C.SOLVER.AGVM.START_ITER = -1
-    # Last iteration that may estimate; -1 = never stop. The last μ stays in force afterwards.
+    # Last iteration that may estimate; -1 = never stop. After it the plain LR returns (μ = 1),
+    # as in the authors' release (lr_update_stop_iter).
     _C.SOLVER.AGVM.STOP_ITER = -1
     # (lo, hi) bounds of the ratio Φ_anchor / Φ_module before the square root, 0 < lo ≤ hi;
     # () disables clamping. The release's (0.5, 10.0) gives μ_new ∈ [0.707, 3.16].
