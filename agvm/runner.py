@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["machine", "parse_with_overrides", "run_logged", "run_all"]
+__all__ = ["grad_accum_steps", "machine", "parse_with_overrides", "run_logged", "run_all"]
 
 
 def machine() -> str:
@@ -32,6 +32,30 @@ def machine() -> str:
     except ImportError:  # pragma: no cover
         pass
     return desc
+
+
+def grad_accum_steps(batch: int, processes: int, max_images_per_gpu: Optional[int]):
+    """``(images per process per micro-batch, SOLVER.GRAD_ACCUM_STEPS)`` that run a global
+    ``batch`` on ``processes`` GPUs with at most ``max_images_per_gpu`` images per forward
+    (None = no limit): the fewest micro-batches that divide the per-process batch. On one
+    process the micro-batch is kept even or the count even (AGVM measures Φ on halves).
+
+    Raises ValueError naming the batch when it cannot be split so."""
+    if batch % processes:
+        raise ValueError(f"the global batch {batch} (SOLVER.IMS_PER_BATCH) is not divisible by {processes} processes")
+    per = batch // processes
+    limit = per if max_images_per_gpu is None else max_images_per_gpu
+    for k in range(1, per + 1):
+        micro = per // k
+        if per % k or micro > limit:
+            continue
+        if processes == 1 and k % 2 and micro % 2:
+            continue
+        return micro, k
+    raise ValueError(
+        f"the global batch {batch} on {processes} processes ({per} per process) cannot be cut into micro-batches of "
+        f"at most {limit} images (--max-images-per-gpu); change the number of GPUs or the limit"
+    )
 
 
 def parse_with_overrides(parser, argv=None):

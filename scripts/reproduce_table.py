@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agvm.results import cell_output_dir, cell_result, comparison_rows, read_run, rows_to_markdown  # noqa: E402
-from agvm.runner import parse_with_overrides, run_all, run_logged  # noqa: E402
+from agvm.runner import grad_accum_steps, parse_with_overrides, run_all, run_logged  # noqa: E402
 from agvm.tables import TABLES, Cell, Table, get_table  # noqa: E402
 
 SLURM_MASTER = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs; CPU processes on CPU); default 1")
     p.add_argument("--num-machines", type=int, default=1, help="machines (slurm: nodes); default 1")
     p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (launcher 'machines'); default 0")
+    p.add_argument("--max-images-per-gpu", type=int, default=None,
+                   help="images per GPU per forward; cells whose per-GPU batch is larger accumulate gradients "
+                        "(SOLVER.GRAD_ACCUM_STEPS) to keep their global batch. Default 16 at --scale full, no limit at mini")
     p.add_argument("--dist-url", default="auto", help="tcp://host:port of machine 0 (launcher 'machines')")
     p.add_argument("--srun-args", default="", help="extra srun arguments, e.g. --srun-args='--partition=gpu --time=24:00:00'")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once on this machine (local launcher); default 1")
@@ -67,6 +70,10 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if args.launcher == "machines" and (args.num_machines < 2 or args.dist_url == "auto"):
         p.error("--launcher machines needs --num-machines ≥ 2 and --dist-url tcp://<machine 0>:<port>")
+    if args.max_images_per_gpu is None and args.scale == "full":
+        args.max_images_per_gpu = 16
+    if args.max_images_per_gpu is not None and args.max_images_per_gpu < 1:
+        p.error(f"--max-images-per-gpu must be ≥ 1, got {args.max_images_per_gpu}")
     # train_net.py runs in the repository root: a relative root is relative to it
     args.output_abs = os.path.join(ROOT, args.output_root)
     if args.table != "all" and args.table not in TABLES:
@@ -74,9 +81,16 @@ def parse_args(argv=None):
     return args
 
 
+def cell_split(args, cell: Cell):
+    """``(images per GPU per micro-batch, GRAD_ACCUM_STEPS)`` of ``cell`` on the GPUs given."""
+    return grad_accum_steps(cell.batch, args.num_gpus * args.num_machines, args.max_images_per_gpu)
+
+
 def cell_command(args, table: Table, cell: Cell) -> List[str]:
-    """The command line that trains and evaluates ``cell``."""
+    """The command line that trains and evaluates ``cell`` (at its global batch: with
+    ``SOLVER.GRAD_ACCUM_STEPS`` when its per-GPU batch exceeds ``--max-images-per-gpu``)."""
     out = cell_output_dir(args.output_root, table.name, args.scale, cell.name)
+    _, accum = cell_split(args, cell)
     cmd = [args.python, f"projects/{table.name}/train_net.py", "--config-file", table.config_path(cell, args.scale)]
     if args.launcher == "slurm":
         cmd += ["--dist-url", f"tcp://{SLURM_MASTER}:29500"]
@@ -88,7 +102,8 @@ def cell_command(args, table: Table, cell: Cell) -> List[str]:
         if args.launcher == "machines":
             cmd += ["--num-machines", str(args.num_machines), "--machine-rank", str(args.machine_rank),
                     "--dist-url", args.dist_url]
-    return cmd + ["OUTPUT_DIR", out] + list(args.opts)
+    accum_opts = ["SOLVER.GRAD_ACCUM_STEPS", str(accum)] if accum > 1 else []
+    return cmd + ["OUTPUT_DIR", out] + accum_opts + list(args.opts)
 
 
 def shell_line(cmd: List[str]) -> str:
@@ -149,8 +164,17 @@ def main(argv=None) -> int:
             except KeyError as e:
                 print(f"reproduce_table.py: error: {e.args[0]}", file=sys.stderr)
                 return 2
+    try:
+        splits = {(t.name, c.name): cell_split(args, c) for t, c in todo}
+    except ValueError as e:
+        print(f"reproduce_table.py: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
+        processes = args.num_gpus * args.num_machines
         for table, cell in todo:
+            micro, accum = splits[(table.name, cell.name)]
+            print(f"# {table.name}/{cell.name}: batch {cell.batch} on {processes} GPU(s) = {micro} images per GPU "
+                  f"× {accum} micro-batch(es) (SOLVER.GRAD_ACCUM_STEPS {accum})")
             print(shell_line(cell_command(args, table, cell)))
         print(f"# {len(todo)} cell(s); dry run: nothing run or written", file=sys.stderr)
         return 0

@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agvm.results import cell_result  # noqa: E402
-from agvm.runner import parse_with_overrides, run_all, run_logged  # noqa: E402
+from agvm.runner import grad_accum_steps, parse_with_overrides, run_all, run_logged  # noqa: E402
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -138,7 +138,11 @@ def parse_args(argv=None):
     p.add_argument("--same-epochs", action="store_true", help="scale iteration counts by ref-batch / batch")
     p.add_argument("--metric", default="bbox/AP", help="task/metric to aggregate (default bbox/AP; segm/AP, sem_seg/mIoU, panoptic_seg/PQ)")
     p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine (default 1)")
-    p.add_argument("--num-gpus", type=int, default=1, help="processes per cell (default 1)")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per cell per machine (default 1)")
+    p.add_argument("--num-machines", type=int, default=1, help="machines per cell (default 1)")
+    p.add_argument("--max-images-per-gpu", type=int, default=None,
+                   help="images per GPU per forward; larger per-GPU batches accumulate gradients "
+                        "(SOLVER.GRAD_ACCUM_STEPS) to keep the global batch (default: no limit)")
     p.add_argument("--dry-run", action="store_true", help="print the cells' commands; run and write nothing")
     p.add_argument("--slurm", action="store_true", help="write <output-root>/sweep.sbatch (an array job); run nothing")
     p.add_argument("--slurm-args", default="", help="extra #SBATCH lines' options, e.g. '--partition=gpu --time=4:00:00'")
@@ -149,8 +153,10 @@ def parse_args(argv=None):
         args.grid = parse_grid(args.grid)
     except ValueError as e:
         p.error(str(e))
-    if args.jobs < 1 or args.num_gpus < 1:
-        p.error("--jobs and --num-gpus must be ≥ 1")
+    if args.jobs < 1 or args.num_gpus < 1 or args.num_machines < 1:
+        p.error("--jobs, --num-gpus and --num-machines must be ≥ 1")
+    if args.max_images_per_gpu is not None and args.max_images_per_gpu < 1:
+        p.error(f"--max-images-per-gpu must be ≥ 1, got {args.max_images_per_gpu}")
     if "/" not in args.metric:
         p.error(f"--metric must look like task/metric (e.g. bbox/AP), got {args.metric!r}")
     if not os.path.exists(args.config_file):
@@ -160,10 +166,19 @@ def parse_args(argv=None):
     return args
 
 
+def cell_split(args, cell: dict, base):
+    """``(images per GPU per micro-batch, GRAD_ACCUM_STEPS)`` of a grid point."""
+    batch = int(cell["point"].get("SOLVER.IMS_PER_BATCH", base.SOLVER.IMS_PER_BATCH))
+    return batch, grad_accum_steps(batch, args.num_gpus * args.num_machines, args.max_images_per_gpu)
+
+
 def command(args, cell: dict, base, train_net: str) -> List[str]:
     out = os.path.join(args.output_root, cell["name"])
-    return ([args.python, train_net, "--config-file", args.config_file, "--num-gpus", str(args.num_gpus),
-             "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + list(args.opts))
+    _, (_, accum) = cell_split(args, cell, base)
+    accum_opts = ["SOLVER.GRAD_ACCUM_STEPS", str(accum)] if accum > 1 else []
+    machines = ["--num-machines", str(args.num_machines)] if args.num_machines > 1 else []
+    return ([args.python, train_net, "--config-file", args.config_file, "--num-gpus", str(args.num_gpus), *machines,
+             "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + accum_opts + list(args.opts))
 
 
 def aggregate(args, cells: List[dict]) -> Tuple[str, str]:
@@ -223,8 +238,16 @@ def main(argv=None) -> int:
     cells = expand(args.grid, args.seeds)
     base = load_base(args.config_file)
     train_net = args.train_net or find_train_net(args.config_file)
+    try:
+        splits = {c["name"]: cell_split(args, c, base) for c in cells}
+    except ValueError as e:
+        print(f"sweep.py: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
+        processes = args.num_gpus * args.num_machines
         for c in cells:
+            batch, (micro, accum) = splits[c["name"]]
+            print(f"# {c['name']}: batch {batch} on {processes} GPU(s) = {micro} images per GPU × {accum} micro-batch(es)")
             print(f"{c['name']}: " + " ".join(shlex.quote(x) for x in command(args, c, base, train_net)))
         print(f"# {len(cells)} cell(s); dry run: nothing run or written", file=sys.stderr)
         return 0

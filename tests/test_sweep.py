@@ -100,3 +100,35 @@ def test_sweep_runs_resumes_and_reports_failures_then_plots(tiny_shapes, capsys)
             assert os.path.getsize(path) > 1000, path
     with pytest.raises(SystemExit):  # a run without Φ is refused with a message
         plot.main([str(out / "momentum-1.5_seed-0"), "--out", str(prefix)])
+
+
+def test_grad_accum_steps_keeps_the_global_batch():
+    from agvm.runner import grad_accum_steps
+
+    assert grad_accum_steps(1024, 8, 16) == (16, 8)
+    assert grad_accum_steps(32, 8, 16) == (4, 1)
+    assert grad_accum_steps(1536, 768, 16) == (2, 1)
+    assert grad_accum_steps(96, 8, 8) == (6, 2)
+    assert grad_accum_steps(6, 1, None) == (6, 1)
+    assert grad_accum_steps(6, 1, 4) == (3, 2)
+    assert grad_accum_steps(12, 1, 5) == (4, 3)  # one process, odd count: an even micro-batch (AGVM halves it)
+    with pytest.raises(ValueError, match="cannot be cut"):
+        grad_accum_steps(9, 1, 4)
+    with pytest.raises(ValueError, match="batch 32 .* not divisible by 3"):
+        grad_accum_steps(32, 3, 16)
+
+
+def test_reproduce_table_dry_run_prints_per_gpu_batch_and_accumulation(capsys):
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("reproduce_table", os.path.join(root, "scripts", "reproduce_table.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--table", "mask_rcnn", "--scale", "full", "--num-gpus", "8", "--dry-run", "b1024_agvm", "b32_agvm"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1024 on 8 GPU(s) = 16 images per GPU × 8 micro-batch(es)" in out
+    assert "SOLVER.GRAD_ACCUM_STEPS 8" in out
+    assert "batch 32 on 8 GPU(s) = 4 images per GPU × 1 micro-batch(es)" in out
+    assert mod.main(["--table", "mask_rcnn", "--scale", "full", "--num-gpus", "3", "--dry-run"]) == 2
