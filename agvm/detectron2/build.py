@@ -58,6 +58,11 @@ def check_agvm_config(cfg: CfgNode) -> None:
         raise ValueError(f"SOLVER.LR_SCALING.RULE={s.LR_SCALING.RULE!r} is not one of {list(LR_SCALING_RULES)}")
     if s.WARMUP_METHOD not in ("linear", "constant", "exp"):
         raise ValueError(f"SOLVER.WARMUP_METHOD={s.WARMUP_METHOD!r} must be 'linear', 'constant' or 'exp'")
+    if s.CLIP_GRADIENTS.CLIP_TYPE not in ("value", "norm", "full_model"):
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={s.CLIP_GRADIENTS.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, "
+            "detectron2's meaning) or 'full_model' (one norm over the whole model)"
+        )
     rng = tuple(s.CLIP_GRADIENTS.ITER_RANGE)
     if len(rng) != 2 or (rng != (-1, -1) and not (0 <= rng[0] <= rng[1])):
         raise ValueError(
