@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Dict, List
 
 import torch
@@ -83,6 +84,8 @@ def check_agvm_config(cfg: CfgNode) -> None:
         raise ValueError(f"SOLVER.AGVM.START_ITER={a.START_ITER!r} must be -1 (warm-up + 100) or ≥ 0")
     if a.STOP_ITER != -1 and a.STOP_ITER < start:
         raise ValueError(f"SOLVER.AGVM.STOP_ITER={a.STOP_ITER!r} must be -1 (never) or ≥ the start iteration {start}")
+    if not (isinstance(a.EPS, (int, float)) and math.isfinite(a.EPS) and a.EPS >= 0):
+        raise ValueError(f"SOLVER.AGVM.EPS={a.EPS!r} must be a finite number ≥ 0 (added to both variances of the ratio)")
     if a.PRECONDITION not in ("auto", "on", "off"):
         raise ValueError(f"SOLVER.AGVM.PRECONDITION={a.PRECONDITION!r} must be 'auto', 'on' or 'off'")
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):

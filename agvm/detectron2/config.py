@@ -67,6 +67,10 @@ def add_agvm_config(cfg: CN) -> None:
     # Under DDP, all-reduce gradients in fp16 on ordinary iterations (torch's fp16 compression
     # hook; with AGVM its comm hook does the same, and AGVM iterations stay in full precision).
     _C.SOLVER.DDP_FP16_COMPRESSION = False
+    # Steps whose gradients hold a NaN/inf (with a finite loss) are skipped: no parameter,
+    # optimizer-state or μ change, counted in nonfinite/skipped_steps. Training stops with an
+    # error after this many consecutive skips (≥ 1). With AMP, the GradScaler skips them instead.
+    _C.SOLVER.MAX_CONSECUTIVE_NONFINITE = 5
 
     _C.SOLVER.AGVM = CN()
     # Modulate each module's learning rate by μ = sqrt(Φ_anchor / Φ_module) (the method).

@@ -30,6 +30,7 @@ from ..data.builtin import check_datasets
 from ..data.register import prepare_datasets, register_shapes
 from ..evaluation import PanopticQualityEvaluator
 from ..solver import scale_lr
+from .checks import validate_config
 from .config import add_agvm_config
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     present, ``MODEL.DEVICE`` falls back to ``"cpu"`` with a warning, so every config runs on a
     CPU-only machine. Registers the embedded ``shapes_*`` datasets, and raises
     :class:`agvm.data.builtin.DatasetNotFoundError` when a builtin dataset (COCO, ADE20K) of
-    ``DATASETS.TRAIN``/``TEST`` is not on disk. ``args`` is the namespace of
+    ``DATASETS.TRAIN``/``TEST`` is not on disk. Every check of :func:`validate_config` runs
+    before detectron2's ``default_setup`` writes anything to ``OUTPUT_DIR``. ``args`` is the namespace of
     :func:`default_argument_parser`.
     """
     register_shapes()
@@ -85,6 +87,7 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     if fell_back:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    validate_config(cfg)  # before default_setup writes config.yaml and log.txt into OUTPUT_DIR
     default_setup(cfg, args)
     # agvm's own messages (module groups, modulator settings) in the console and log.txt
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="agvm", abbrev_name="agvm")

@@ -26,6 +26,8 @@ import contextlib
 import itertools
 import json
 import logging
+import math
+import os
 import random
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,6 +37,7 @@ import torch
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, SimpleTrainer
+from detectron2.engine.hooks import PeriodicWriter
 from detectron2.engine.defaults import default_writers
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage, JSONWriter, TensorboardXWriter, get_event_storage
@@ -46,6 +49,8 @@ from ..core.sandbox import preserved_state
 from ..distributed import AGVMHookState, agvm_comm_hook
 from ..solver import build_lr_scheduler
 from .build import build_agvm_optimizer
+from .checkpoint import SafeCheckpointer
+from .checks import validate_config
 from .engine import build_evaluator
 
 __all__ = ["AGVMTrainer", "AGVMStepTrainer", "ResumableTrainingSampler", "Trainer", "install_agvm_hook", "split_batch"]
@@ -103,11 +108,22 @@ class AGVMStepTrainer(SimpleTrainer):
             gradient g, ascend to w + ρ·g/‖g‖, gradient there, back to w, step with it. Under
             DDP the first pass does not synchronise; BN running statistics are updated by the
             first pass only. None (default): no SAM.
+        max_nonfinite: steps whose gradient holds a NaN/inf are skipped (without AMP; with AMP
+            the GradScaler skips them): no parameter, optimizer or μ change, counted in
+            ``nonfinite/skipped_steps``; after this many in a row (default 5,
+            ``SOLVER.MAX_CONSECUTIVE_NONFINITE``) training stops with ``FloatingPointError``.
+            Under DDP the reduced gradients are bit-identical on every rank, so all ranks
+            decide alike.
     """
 
     def __init__(self, model, data_loader, optimizer, accum_steps=1, clip=None, amp=False, grad_scaler=None,
-                 sam_rho=None):
+                 sam_rho=None, max_nonfinite=5):
         super().__init__(model, data_loader, optimizer)
+        if not (isinstance(max_nonfinite, int) and max_nonfinite >= 1):
+            raise ValueError(f"max_nonfinite (SOLVER.MAX_CONSECUTIVE_NONFINITE) must be an integer ≥ 1, got {max_nonfinite!r}")
+        self.max_nonfinite = max_nonfinite
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.nonfinite_total = 0  # skipped steps in the whole run
         self.sam_rho = sam_rho
         # set by AGVMTrainer under DDP: the comm hook supplies the halves (no batch split)
         self.hook_state = None
@@ -158,6 +174,7 @@ class AGVMStepTrainer(SimpleTrainer):
         chunks = [items for _, items in split_batch(data, k, halves=False)]
         self.optimizer.zero_grad()
         out = None
+        modulator_before = agvm.modulator.state_dict() if estimate else None
         if estimate and self.hook_state is None and k % 2 == 1:
             out = self._measure_halves(data, iteration)  # extra passes; the model left as it was
         if estimate and self.hook_state is not None:
@@ -180,15 +197,50 @@ class AGVMStepTrainer(SimpleTrainer):
             out = agvm.finish_accumulated(iteration, grad_scale=2.0 / self._loss_scale(), skip_if_nonfinite=self.amp)
         elif estimate and self.hook_state is not None:
             out = agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp)
+        finite = self.amp or self._gradients_finite(iteration)
         if out is not None:
+            if not finite:  # μ untouched: as if this estimate had not happened, counted as skipped
+                agvm.modulator.load_state_dict(modulator_before)
+                agvm.modulator.skip(iteration)
+                out = {"phi": {m: float("nan") for m in agvm.modulator.modules}, "mu": dict(agvm.modulator.mu)}
             self._log_agvm(out)
         self._write_metrics(totals, data_time)
+        if not finite:
+            self.optimizer.zero_grad()
+            return
         self._clip(iteration)
         if self.amp:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def _gradients_finite(self, iteration) -> bool:
+        """Whether every gradient is finite; counts and logs skipped steps, and raises after
+        ``max_nonfinite`` in a row."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = not params or bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all())
+        if finite:
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            names = {p: n for n, p in _unwrap(self.model).named_parameters()}
+            bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p.grad).all())]
+            logger.warning(
+                f"iteration {iteration}: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                f"step skipped ({self.nonfinite_run} in a row, {self.nonfinite_total} in total)"
+            )
+            if self.nonfinite_run >= self.max_nonfinite:
+                raise FloatingPointError(
+                    f"{self.nonfinite_run} consecutive iterations (the last {iteration}) had non-finite gradients, e.g. in "
+                    f"{', '.join(bad[:5])}: stopping (SOLVER.MAX_CONSECUTIVE_NONFINITE={self.max_nonfinite}). No step was "
+                    "taken on them, so the last checkpoint holds finite parameters; lower SOLVER.BASE_LR or enable "
+                    "SOLVER.CLIP_GRADIENTS"
+                )
+        if comm.is_main_process():
+            get_event_storage().put_scalar("nonfinite/skipped_steps", self.nonfinite_total, smoothing_hint=False)
+        return finite
 
     def _loss_scale(self) -> float:
         return float(self.grad_scaler.get_scale()) if self.amp else 1.0
@@ -272,6 +324,7 @@ class AGVMStepTrainer(SimpleTrainer):
     def state_dict(self):
         ret = super().state_dict()
         ret["rng"] = _rng_state()
+        ret["nonfinite_total"] = self.nonfinite_total
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
         return ret
@@ -280,6 +333,7 @@ class AGVMStepTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         if "rng" in state_dict:
             _set_rng_state(state_dict["rng"])
+        self.nonfinite_total = int(state_dict.get("nonfinite_total", 0))
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
@@ -360,15 +414,58 @@ def _unsmoothed_backlog(storage, last_write: int):
     return backlog
 
 
+def _strict(value):
+    """A JSON-safe scalar: non-finite floats become None (``null``)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 class ExactJSONWriter(JSONWriter):
     """detectron2's JSONWriter, plus every ``agvm/*`` value put between two writes (detectron2
-    writes only the latest per key), so Φ, μ and lr of every AGVM update reach metrics.json."""
+    writes only the latest per key), so Φ, μ and lr of every AGVM update reach metrics.json;
+    one row per iteration, in iteration order, strict JSON (NaN/inf written as ``null``),
+    flushed and fsync'ed at every write."""
 
     def write(self):
-        backlog = _unsmoothed_backlog(get_event_storage(), self._last_write)
-        for it in sorted(backlog):
-            self._file_handle.write(json.dumps({**backlog[it], "iteration": it}, sort_keys=True) + "\n")
-        super().write()
+        storage = get_event_storage()
+        rows = _unsmoothed_backlog(storage, self._last_write)
+        for key, (value, it) in storage.latest_with_smoothing_hint(self._window_size).items():
+            if it > self._last_write:
+                rows.setdefault(int(it), {})[key] = value
+        for it in sorted(rows):
+            row = {k: _strict(v) for k, v in rows[it].items()}
+            row["iteration"] = it
+            self._file_handle.write(json.dumps(row, sort_keys=True, allow_nan=False) + "\n")
+        if rows:
+            self._last_write = max(rows)
+        self._file_handle.flush()
+        try:
+            os.fsync(self._file_handle.fileno())
+        except (AttributeError, OSError):
+            pass
+
+
+def truncate_metrics(path: str, start_iter: int) -> int:
+    """Drop the rows of ``iteration`` ≥ ``start_iter`` (and unreadable, half-written lines) from
+    a metrics.json, in place (writers holding it open in append mode keep appending at the new
+    end). Returns the number of lines dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "r+") as f:
+        lines = f.read().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["iteration"] < start_iter:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        f.seek(0)
+        f.write("".join(line + "\n" for line in keep))
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+    return len(lines) - len(keep)
 
 
 class ExactTensorboardWriter(TensorboardXWriter):
@@ -399,8 +496,7 @@ class AGVMTrainer(Trainer):
     """
 
     def __init__(self, cfg):
-        _check_split_batch(cfg)
-        _check_norm_device(cfg)
+        validate_config(cfg)
         with _cpu_capable_ddp():
             super().__init__(cfg)
         stock = self._trainer
@@ -412,6 +508,7 @@ class AGVMTrainer(Trainer):
             accum_steps=cfg.SOLVER.GRAD_ACCUM_STEPS, clip=clip, amp=cfg.SOLVER.AMP.ENABLED,
             grad_scaler=getattr(stock, "grad_scaler", None),
             sam_rho=cfg.SOLVER.SAM.RHO if cfg.SOLVER.OPTIMIZER == "SAM" else None,
+            max_nonfinite=cfg.SOLVER.MAX_CONSECUTIVE_NONFINITE,
         )
         step.data_loader = stock.data_loader
         _share_iterator(step, stock)
@@ -424,6 +521,24 @@ class AGVMTrainer(Trainer):
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
                 step.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+
+    def build_hooks(self):
+        # crash-safe checkpoints (atomic, finite-only, fallback on resume), metrics on disk first
+        old = self.checkpointer
+        self.checkpointer = SafeCheckpointer(old.model, self.cfg.OUTPUT_DIR, save_to_disk=old.save_to_disk,
+                                             **old.checkpointables)
+        hooks_ = super().build_hooks()
+        self._periodic_writers = [h for h in hooks_ if isinstance(h, PeriodicWriter)]
+        self.checkpointer.before_save = self._flush_metrics
+        return hooks_
+
+    def _flush_metrics(self):
+        """Write every metric up to now (JSON and tensorboard), before a checkpoint is declared."""
+        for w in [w for h in getattr(self, "_periodic_writers", []) for w in h._writers]:
+            if isinstance(w, (JSONWriter, TensorboardXWriter)):
+                w.write()
+                if isinstance(w, TensorboardXWriter):
+                    w._writer.flush()
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -475,6 +590,17 @@ class AGVMTrainer(Trainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if self.start_iter > 0 and comm.is_main_process():
+            # rows past the checkpoint were logged by the killed run: the resumed run logs them again
+            dropped = truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+            if dropped:
+                logger.info(f"metrics.json: dropped {dropped} rows past the checkpoint (iteration ≥ {self.start_iter})")
+            for hook in self._periodic_writers:  # tensorboard: discard the events past the checkpoint
+                for i, w in enumerate(hook._writers):
+                    if isinstance(w, TensorboardXWriter):
+                        log_dir = w._writer.log_dir
+                        w.close()
+                        hook._writers[i] = ExactTensorboardWriter(log_dir, purge_step=self.start_iter)
         if self.start_iter > 0:
             sampler = _find_sampler(self._trainer.data_loader)
             if sampler is None:
@@ -524,42 +650,6 @@ def _cpu_capable_ddp():
         yield
     finally:
         defaults.create_ddp_model = original
-
-
-_NORM_KEYS = ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD", "ROI_KEYPOINT_HEAD", "SEM_SEG_HEAD", "RETINANET")
-
-
-def _check_norm_device(cfg) -> None:
-    """SyncBN needs CUDA: fail before building anything on CPU, naming the keys."""
-    if not cfg.MODEL.DEVICE.startswith("cpu"):
-        return
-    bad = [f"MODEL.{k}.NORM" for k in _NORM_KEYS if k in cfg.MODEL and cfg.MODEL[k].get("NORM") == "SyncBN"]
-    if bad:
-        raise ValueError(
-            f"{', '.join(bad)} = 'SyncBN' needs CUDA, but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}: use 'BN' "
-            "(per-process statistics) or 'naiveSyncBN' (cross-process statistics over gloo) on CPU"
-        )
-
-
-def _check_split_batch(cfg) -> None:
-    """Fail before training when the batch cannot be cut into micro-batches, or (one process,
-    odd ``SOLVER.GRAD_ACCUM_STEPS``) AGVM's measuring passes cannot halve them."""
-    world = comm.get_world_size()
-    batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS
-    if batch % world:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={batch} is not divisible by the world size {world}")
-    per_process = batch // world
-    if per_process % k:
-        raise ValueError(
-            f"the per-process batch SOLVER.IMS_PER_BATCH / world = {per_process} is not divisible by "
-            f"SOLVER.GRAD_ACCUM_STEPS={k}"
-        )
-    if world == 1 and cfg.SOLVER.AGVM.ENABLED and k % 2 == 1 and (per_process // k < 2 or (per_process // k) % 2):
-        raise ValueError(
-            f"AGVM measures Φ on two halves of each micro-batch: the per-process batch "
-            f"(SOLVER.IMS_PER_BATCH={batch} / world {world} / SOLVER.GRAD_ACCUM_STEPS={k} = {per_process // k}) "
-            "must be even and ≥ 2"
-        )
 
 
 def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None:
