@@ -3,8 +3,11 @@
 #
 # Routes, tried in this order (the route taken is printed on the last line):
 #   1. existing  an importable detectron2 is kept as it is;
-#   2. source    the official repository, built from source with its C++/CUDA ops, when
-#                github.com answers within $AGVM_D2_PROBE_TIMEOUT seconds (default 5);
+#   2. source    the official repository at a pinned commit ($AGVM_D2_REF, default
+#                02b5c4e295e9..., the snapshot the test suite passed on, compiled with its
+#                C++ ops), built from source, when github.com answers within
+#                $AGVM_D2_PROBE_TIMEOUT seconds (default 5); if that build fails, the sdist
+#                route below is taken with a message (unless AGVM_D2_ROUTE=source);
 #   3. sdist     the PyPI sdist pb1-detectron2==0.6, whose Python sources are the official v0.6
 #                tag's, installed as the pure-Python distribution `detectron2` 0.6 without the
 #                C++ ops (agvm.compat supplies what is missing; see README "detectron2").
@@ -13,14 +16,19 @@
 #   PYTHON                 interpreter to install into (default: python3)
 #   AGVM_D2_ROUTE          auto (default) | source | sdist: force one route (skips "existing" too)
 #   AGVM_D2_PROBE_TIMEOUT  seconds to wait for github.com (default 5)
-#   AGVM_D2_REF            git ref of the official repository for the source route (default main)
+#   AGVM_D2_REPO           the repository URL probed and built (default the official one)
+#   AGVM_D2_REF            git ref of the official repository for the source route (default: the
+#                          pinned commit below; e.g. "main" for today's head, at your own risk)
+#   AGVM_D2_PIP_SOURCE     what pip installs on the source route (default git+<repo>@<ref>; the
+#                          tests point it at a stub)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 ROUTE=${AGVM_D2_ROUTE:-auto}
 PROBE_TIMEOUT=${AGVM_D2_PROBE_TIMEOUT:-5}
-D2_REPO=https://github.com/facebookresearch/detectron2
-D2_REF=${AGVM_D2_REF:-main}
+D2_REPO=${AGVM_D2_REPO:-https://github.com/facebookresearch/detectron2}
+D2_PINNED=02b5c4e295e990042a714712c21dc79b731e8833  # 2026-06-06; the suite passes on it (see README)
+D2_REF=${AGVM_D2_REF:-$D2_PINNED}
 SDIST_SPEC="pb1-detectron2==0.6"
 SDIST_NAME="pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -49,7 +57,7 @@ github_reachable() {
 install_from_source() {
   say "building detectron2 from $D2_REPO@$D2_REF (C++ ops included; takes several minutes)"
   # setup.py imports torch, so the build must see the environment's torch.
-  "$PYTHON" -m pip install --no-build-isolation "git+$D2_REPO.git@$D2_REF"
+  "$PYTHON" -m pip install --no-build-isolation "${AGVM_D2_PIP_SOURCE:-git+$D2_REPO.git@$D2_REF}"
 }
 
 install_from_sdist() {
@@ -90,9 +98,17 @@ TOML
   "$PYTHON" -m pip install --quiet --no-deps "$src"
 }
 
-if [ "$ROUTE" = source ] || { [ "$ROUTE" = auto ] && github_reachable; }; then
-  install_from_source
+if [ "$ROUTE" = source ]; then
+  install_from_source || die "the source build of detectron2@$D2_REF failed (AGVM_D2_ROUTE=source: no fallback)"
   taken=source
+elif [ "$ROUTE" = auto ] && github_reachable; then
+  if install_from_source; then
+    taken=source
+  else
+    say "the source build of detectron2@$D2_REF failed (see pip's output above); falling back to the verified sdist route"
+    install_from_sdist
+    taken=sdist
+  fi
 else
   [ "$ROUTE" = auto ] && say "github.com not reachable within ${PROBE_TIMEOUT}s; using the PyPI sdist"
   install_from_sdist

@@ -151,6 +151,7 @@ def _check_phi_against_gathered_gradients(trainer):
     """Before each AGVM step, compute every rank's local gradient on the same data and RNG
     state without DDP, gather them, and Φ per module from the two halves' means; after the
     step, record (reference Φ, hook Φ) pairs."""
+    from agvm.detectron2.trainer import set_data_iterator
     from agvm.distributed import half_sizes
 
     step = trainer._trainer
@@ -162,11 +163,11 @@ def _check_phi_against_gathered_gradients(trainer):
 
     def replay(data):
         real = step._data_loader_iter
-        step._data_loader_iter = iter([data])
+        set_data_iterator(step, iter([data]))
         try:
             real_run_step()
         finally:
-            step._data_loader_iter = real
+            set_data_iterator(step, real)
 
     def run_step():
         data = next(step._data_loader_iter)

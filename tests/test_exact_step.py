@@ -46,7 +46,9 @@ def _cfg(family, norm="FrozenBN", **agvm):
     m.DEVICE, m.WEIGHTS = "cpu", ""
     m.RESNETS.DEPTH, m.RESNETS.RES2_OUT_CHANNELS, m.RESNETS.NORM = 18, 64, norm
     m.RPN.POST_NMS_TOPK_TRAIN = 64
-    m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
+    if family == "faster_rcnn_c4":  # the res5 head runs per RoI: keep it small
+        m.ROI_BOX_HEAD.POOLER_RESOLUTION = 6
     m.ROI_HEADS.NUM_CLASSES = m.RETINANET.NUM_CLASSES = 3
     m.SEM_SEG_HEAD.NUM_CLASSES = 4
     m.SEM_SEG_HEAD.CONVS_DIM = 32

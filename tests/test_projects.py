@@ -138,16 +138,17 @@ def test_launch_dry_run_three_modes():
                               "--python", "python", *args],
                              capture_output=True, text=True, cwd="/", env=dict(os.environ, PYTHON=sys.executable))
         assert out.returncode == 0, out.stderr
-        return out.stdout.strip().splitlines()
+        return [line for line in out.stdout.strip().splitlines() if not line.startswith("#")]
 
     local = run("--num-gpus", "8", "b512_agvm")
+    # 512 images on 8 GPUs at most 16 per forward: 4 micro-batches (the global batch is kept)
     assert local == ["python projects/mask_rcnn/train_net.py --config-file projects/mask_rcnn/configs/b512_agvm.yaml "
-                     "--num-gpus 8 OUTPUT_DIR output/mask_rcnn/full/b512_agvm"]
+                     "--num-gpus 8 OUTPUT_DIR output/mask_rcnn/full/b512_agvm SOLVER.GRAD_ACCUM_STEPS 4"]
     machines = run("--launcher", "machines", "--num-machines", "2", "--machine-rank", "1",
                    "--dist-url", "tcp://node0:29500", "--num-gpus", "8", "b512_megdet", "--", "SOLVER.AGVM.INTERVAL", "5")
     assert machines == ["python projects/mask_rcnn/train_net.py --config-file projects/mask_rcnn/configs/b512_megdet.yaml "
                         "--num-gpus 8 --num-machines 2 --machine-rank 1 --dist-url tcp://node0:29500 "
-                        "OUTPUT_DIR output/mask_rcnn/full/b512_megdet SOLVER.AGVM.INTERVAL 5"]
+                        "OUTPUT_DIR output/mask_rcnn/full/b512_megdet SOLVER.GRAD_ACCUM_STEPS 2 SOLVER.AGVM.INTERVAL 5"]
     slurm = run("--launcher", "slurm", "--num-machines", "4", "--num-gpus", "8", "--srun-args=--partition=gpu")
     assert len(slurm) == len(TABLES["mask_rcnn"].cells)
     assert slurm[0].startswith("srun --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu python "
@@ -163,9 +164,10 @@ def test_launch_dry_run_three_modes():
 def test_reproduce_table_dry_run_lists_every_cell(scale, capsys):
     reproduce = _load_script("reproduce_table")
     assert reproduce.main(["--table", "all", "--scale", scale, "--dry-run"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out.strip().splitlines()
+    lines = [line for line in out if not line.startswith("#")]
     expected = [(t, c) for t in TABLES.values() for c in t.cells_at(scale)]
-    assert len(lines) == len(expected)
+    assert len(lines) == len(expected) == len(out) - len(lines)  # one "# per-GPU batch" line per cell
     for line, (t, c) in zip(lines, expected):
         assert f"--config-file {t.config_path(c, scale)} " in line and f"OUTPUT_DIR output/{t.name}/{scale}/{c.name}" in line
     assert reproduce.main(["--table", "faster_rcnn", "--scale", scale, "--dry-run", "b9_nope"]) == 2

@@ -663,6 +663,15 @@ def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None
         step._data_loader_iter = iter(step.data_loader)
 
 
+def set_data_iterator(step: SimpleTrainer, iterator) -> None:
+    """Make ``step`` read its batches from ``iterator``: the attribute on detectron2 0.6, the
+    object behind the read-only ``_data_loader_iter`` property on detectron2 main."""
+    if isinstance(getattr(type(step), "_data_loader_iter", None), property):
+        step._data_loader_iter_obj = iterator
+    else:
+        step._data_loader_iter = iterator
+
+
 def _find_sampler(loader, depth: int = 6) -> Optional[ResumableTrainingSampler]:
     """The ResumableTrainingSampler inside a detectron2 train loader, if any."""
     seen, frontier = set(), [loader]
