@@ -93,7 +93,9 @@ MINI_AGVM = "projects/faster_rcnn/configs/mini/faster_rcnn_R18_FPN_shapes_agvm.y
 
 def run_detector(rank, world, port, out_dir, mode, datasets):
     """The mini detector for 4 iterations under DDP (gloo). mode: "agvm" (comm hook), "plain"
-    (AGVMTrainer, AGVM disabled), "stock" (detectron2's DefaultTrainer)."""
+    (AGVMTrainer, AGVM disabled), "stock" (detectron2's DefaultTrainer), "agvm_inf" (AGVM, with
+    +inf injected into one parameter's gradient on rank 1 only, at iterations 1 (an AGVM
+    iteration) and 2; checkpoints every iteration)."""
     os.environ.update(AGVM_DATASETS=datasets, AGVM_SHAPES_NUM_TRAIN="16", AGVM_SHAPES_NUM_VAL="8")
     import agvm  # noqa: F401
     from detectron2.engine import DefaultTrainer
@@ -111,8 +113,10 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
         "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)", "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.AGVM.START_ITER", "1", "SOLVER.AGVM.INTERVAL", "2", "TEST.EVAL_PERIOD", "0",
         "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "SOLVER.AGVM.ENABLED", str(mode == "agvm"),
+        "SOLVER.AGVM.ENABLED", str(mode in ("agvm", "agvm_inf")),
     ]
+    if mode == "agvm_inf":
+        opts[opts.index("SOLVER.CHECKPOINT_PERIOD") + 1] = "1"
     cfg = setup_cfg(default_argument_parser().parse_args(["--config-file", MINI_AGVM, *opts]))
     if mode == "stock":
         with _cpu_capable_ddp():
@@ -122,13 +126,25 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
     checks = []
     if mode == "agvm":
         checks = _check_phi_against_gathered_gradients(trainer)
+    if mode == "agvm_inf" and rank == 1:
+        model = trainer.model.module
+        weight = dict(model.named_parameters())["proposal_generator.rpn_head.objectness_logits.weight"]
+        calls = [0]
+
+        def poison(grad):  # one backward per iteration under DDP: calls 2 and 3 = iterations 1 and 2
+            calls[0] += 1
+            return torch.full_like(grad, float("inf")) if calls[0] in (2, 3) else grad
+
+        weight.register_hook(poison)
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
     hook = getattr(trainer._trainer, "hook_state", None)
     torch.save(
         {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None, "checks": checks,
-         "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None)},
+         "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None),
+         "nonfinite_total": trainer._trainer.nonfinite_total,
+         "optimizer": trainer.optimizer.state_dict()},
         os.path.join(out_dir, f"det_{mode}_{rank}.pt"),
     )
     comm.synchronize()

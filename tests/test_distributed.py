@@ -166,6 +166,27 @@ def test_mini_detector_under_ddp(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.ddp
+def test_nonfinite_gradient_on_one_rank_is_skipped_on_all(tmp_path):
+    """+inf in one parameter's gradient on rank 1 only, at an AGVM iteration and at an ordinary
+    one: the reduced gradient is non-finite on both ranks, both skip both steps alike (μ kept),
+    parameters stay finite and bit-identical, and every checkpoint is finite."""
+    import glob
+
+    from agvm.detectron2.checkpoint import nonfinite_entries
+
+    datasets = tmp_path / "datasets"
+    runs = _spawn_detector(2, tmp_path, "agvm_inf", datasets)
+    assert [r["nonfinite_total"] for r in runs] == [2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["params"], runs[1]["params"]))
+    assert not nonfinite_entries({"p": runs[0]["params"], "o": runs[0]["optimizer"]})
+    assert runs[0]["skipped"] == runs[1]["skipped"] == 3  # the AGVM update of iteration 1 (3 modules)
+    checkpoints = glob.glob(str(tmp_path / "agvm_inf" / "*.pth"))
+    assert len(checkpoints) >= 4
+    for path in checkpoints:
+        assert not nonfinite_entries(torch.load(path, weights_only=False)), path
+
+
 def test_syncbn_on_cpu_fails_before_building(tiny_shapes):
     from test_trainer import _cfg
 
