@@ -6,7 +6,7 @@ Table 2, the AdamW-family table, the RetinaNet extreme-batch rows, the Mask R-CN
 the ``mini`` cells are CPU-sized stand-ins on the embedded shapes dataset
 (``projects/<name>/configs/mini/<cell>.yaml``), each naming the full-scale cell it imitates.
 
-Used by ``scripts/reproduce_table.py``, ``scripts/make_project_configs.py``, the projects'
+Used by ``scripts/reproduce_table.py``, ``scripts/make_project_files.py``, the projects'
 ``launch.sh`` and ``check_results.ipynb`` (through :mod:`agvm.results`). Pure Python: no torch,
 no detectron2.
 """

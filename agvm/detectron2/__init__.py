@@ -1,7 +1,13 @@
 """The detectron2 integration of agvm: config, grouping, optimizer, trainer, evaluation.
 
-Importing this package imports detectron2 (``agvm.core`` does not).
+Importing this package imports detectron2 (``agvm.core`` does not). detectron2 decorates a
+few functions with ``torch.jit.script``, which recent torch announces as deprecated with a
+FutureWarning on every run; that one message is silenced here (nothing else is).
 """
+
+import warnings
+
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 from .build import agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
 from .config import OPTIMIZERS, add_agvm_config

@@ -45,13 +45,31 @@ def default_argument_parser(epilog: Optional[str] = None):
     detectron2's ``tcp://127.0.0.1:<port>``: then processes started by torchrun or srun join
     through their launcher's environment (MASTER_ADDR/MASTER_PORT, or the SLURM node list),
     and a single machine picks a free local port. An explicit ``--dist-url`` always wins."""
-    parser = _d2_argument_parser(epilog)
+    parser = _d2_argument_parser(epilog if epilog is not None else _agvm_epilog())
     parser.set_defaults(dist_url="auto")
     for action in parser._actions:
         if action.dest == "dist_url":
             action.help = ("initialization URL of the process group (tcp://<machine 0>:<port>); default 'auto': "
                            "the launcher's environment (torchrun, SLURM) or a free local port")
     return parser
+
+
+def _agvm_epilog() -> str:
+    """The ``--help`` epilog: how to run, and agvm's config keys with their defaults."""
+
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    keys = [f"  SOLVER.AGVM.{k} {v!r}" for k, v in cfg.SOLVER.AGVM.items()]
+    keys += [f"  SOLVER.{k} {cfg.SOLVER[k]!r}" for k in ("OPTIMIZER", "GRAD_ACCUM_STEPS", "MAX_CONSECUTIVE_NONFINITE")]
+    keys.append(f"  SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'value' | 'norm' (per parameter) | 'full_model'")
+    return (
+        "Examples:\n"
+        "  train_net.py --config-file <cfg.yaml> --num-gpus 8 [KEY VALUE ...]\n"
+        "  train_net.py --config-file <cfg.yaml> --num-gpus 2 MODEL.DEVICE cpu      (CPU processes, gloo)\n"
+        "  torchrun --nnodes 2 --nproc_per_node 8 ... train_net.py --config-file <cfg.yaml>\n"
+        "  train_net.py --config-file <cfg.yaml> --eval-only MODEL.WEIGHTS <model.pth>\n\n"
+        "AGVM config keys (KEY default; see README 'AGVM in detectron2'):\n" + "\n".join(keys)
+    )
 
 
 def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> CfgNode:
