@@ -233,6 +233,33 @@ def write_sbatch(args, cells: List[dict], base, train_net: str) -> str:
     return path
 
 
+def check_cell(args, cell: dict, base) -> None:
+    """Build the config one grid point would train with and run every check of a run on it
+    (unknown key, bad value, a key without effect in that config, batch vs GPUs), so that an
+    invalid point fails the sweep before any run starts. Raises ValueError/KeyError."""
+    from agvm.data.register import register_shapes
+    from agvm.detectron2.checks import ineffective_keys, validate_config
+
+    register_shapes()
+    cfg = base.clone()
+    overrides = cell_overrides(args, cell, base) + list(args.opts)
+    try:
+        cfg.merge_from_list(overrides)
+    except (KeyError, AssertionError, ValueError) as e:
+        raise ValueError(f"grid point {cell['name']}: {e}") from None
+    _, (_, accum) = cell_split(args, cell, base)
+    cfg.SOLVER.GRAD_ACCUM_STEPS = accum
+    given = {k for k in cell["point"]} | set(args.opts[0::2])
+    unused = [u for u in ineffective_keys(cfg) if u.split("=", 1)[0] in given]
+    if unused:
+        raise ValueError(f"grid point {cell['name']}: {', '.join(unused)} would have no effect in "
+                         f"{os.path.relpath(args.config_file, ROOT)} (AGVM keys with SOLVER.AGVM.ENABLED False; α, CLAMP, EPS with MEASURE_ONLY True; another optimizer's keys)")
+    try:
+        validate_config(cfg, world_size=args.num_gpus * args.num_machines)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"grid point {cell['name']}: {e.args[0] if e.args else e}") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cells = expand(args.grid, args.seeds)
@@ -240,8 +267,10 @@ def main(argv=None) -> int:
     train_net = args.train_net or find_train_net(args.config_file)
     try:
         splits = {c["name"]: cell_split(args, c, base) for c in cells}
-    except ValueError as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
+        for c in cells:
+            check_cell(args, c, base)
+    except (ValueError, KeyError) as e:
+        print(f"sweep.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     if args.dry_run:
         processes = args.num_gpus * args.num_machines

@@ -78,18 +78,26 @@ TINY = ["SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITER
 
 def test_sweep_runs_resumes_and_reports_failures_then_plots(tiny_shapes, capsys):
     out = tiny_shapes / "sweep"
-    # α = 1.5 is rejected by the modulator: that cell fails and must be reported, not dropped
-    argv = ["--config-file", AGVM_MINI, "--output-root", str(out), "--grid", "SOLVER.AGVM.MOMENTUM=0.9,1.5", "--", *TINY]
+    # α = 1.5 is checked before anything launches: exit 2, the key and value named, nothing written
+    bad = ["--config-file", AGVM_MINI, "--output-root", str(out), "--grid", "SOLVER.AGVM.MOMENTUM=0.9,1.5", "--", *TINY]
+    assert sweep.main(bad) == 2
+    assert "SOLVER.AGVM.MOMENTUM=1.5 must be in [0, 1)" in capsys.readouterr().err
+    assert not out.exists()
+    # a cell that passes the checks but fails at run time (missing weights) is reported, not dropped
+    argv = ["--config-file", AGVM_MINI, "--output-root", str(out), "--grid",
+            f"MODEL.WEIGHTS={tiny_shapes / 'missing.pth'}", "SOLVER.AGVM.MOMENTUM=0.9", "--", *TINY]
+    ok = ["--config-file", AGVM_MINI, "--output-root", str(out), "--grid", "SOLVER.AGVM.MOMENTUM=0.9", "--", *TINY]
+    assert sweep.main(ok) == 0
+    capsys.readouterr()
     assert sweep.main(argv) == 1
     text = capsys.readouterr()
-    assert "[2/2]" in text.out and "momentum-1.5_seed-0" in text.err
+    failed = [c for c in os.listdir(out) if c.startswith("weights")]
+    assert len(failed) == 1 and failed[0] in text.err
     rows = {r["cell"]: r for r in csv.DictReader(open(out / "results.csv"))}
-    assert rows["momentum-0.9_seed-0"]["status"] == "ok" and rows["momentum-1.5_seed-0"]["status"] == "failed"
-    assert "seed 0: failed" in open(out / "results.md").read()
-    # resume: the finished cell is skipped, the failed one is tried again
-    assert sweep.main(argv) == 1
-    again = capsys.readouterr().out
-    assert "skip momentum-0.9_seed-0: finished" in again and "1 run(s) to do" in again
+    assert rows[failed[0]]["status"] == "failed"
+    # resume: the finished cell is skipped
+    assert sweep.main(ok) == 0
+    assert "skip momentum-0.9_seed-0: finished" in capsys.readouterr().out
 
     plot = _load("plot_variance")
     prefix = tiny_shapes / "plots" / "phi"
@@ -99,7 +107,7 @@ def test_sweep_runs_resumes_and_reports_failures_then_plots(tiny_shapes, capsys)
             path = f"{prefix}_{kind}.{ext}"
             assert os.path.getsize(path) > 1000, path
     with pytest.raises(SystemExit):  # a run without Φ is refused with a message
-        plot.main([str(out / "momentum-1.5_seed-0"), "--out", str(prefix)])
+        plot.main([str(out / failed[0]), "--out", str(prefix)])
 
 
 def test_grad_accum_steps_keeps_the_global_batch():
@@ -132,3 +140,19 @@ def test_reproduce_table_dry_run_prints_per_gpu_batch_and_accumulation(capsys):
     assert "SOLVER.GRAD_ACCUM_STEPS 8" in out
     assert "batch 32 on 8 GPU(s) = 4 images per GPU × 1 micro-batch(es)" in out
     assert mod.main(["--table", "mask_rcnn", "--scale", "full", "--num-gpus", "3", "--dry-run"]) == 2
+
+
+@pytest.mark.parametrize("config, grid, message", [
+    (AGVM_MINI, "SOLVER.AGVM.MOMENTOM=0.9,0.97", "Non-existent key: SOLVER.AGVM.MOMENTOM"),
+    (AGVM_MINI, "SOLVER.AGVM.INTERVAL=0,10", "SOLVER.AGVM.INTERVAL=0 must be an integer ≥ 1"),
+    (os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "faster_rcnn_R18_FPN_shapes.yaml"),
+     "SOLVER.AGVM.MOMENTUM=0.9,0.97", "SOLVER.AGVM.MOMENTUM=0.9 would have no effect"),
+])
+def test_sweep_checks_every_point_before_launching(tmp_path, capsys, config, grid, message):
+    """A bad key, a bad value, or a key without effect in the config fails the whole sweep
+    (exit 2, key and value named) before anything runs, locally or as a SLURM array."""
+    for mode in ([], ["--slurm"]):
+        out = tmp_path / ("slurm" if mode else "local")
+        assert sweep.main(["--config-file", config, "--output-root", str(out), "--grid", grid, *mode]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

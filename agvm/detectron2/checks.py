@@ -7,21 +7,71 @@ existing output folder byte-identical. Every error names the key and the value.
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import List, Optional
 
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from .build import agvm_start_iter, check_agvm_config
 
-__all__ = ["check_datasets_registered", "check_norm_device", "check_split_batch", "validate_config"]
+__all__ = ["check_datasets_registered", "check_norm_device", "check_split_batch", "ineffective_keys",
+           "validate_config"]
+
+logger = logging.getLogger(__name__)
 
 
-def validate_config(cfg: CfgNode) -> None:
+def ineffective_keys(cfg: CfgNode) -> List[str]:
+    """``KEY=value`` of the settings that differ from their default but have no effect in
+    ``cfg``: SOLVER.AGVM.* with AGVM off, SOLVER.LARS.* without LARS, SOLVER.LAMB.* without
+    LAMB/PMD_LAMB, SOLVER.PMD.* without PMD_LAMB, SOLVER.SAM.* without SAM. Training warns
+    about them; ``scripts/sweep.py`` rejects them (when the grid or its overrides set them)
+    before launching. With MEASURE_ONLY, SOLVER.AGVM.MOMENTUM/CLAMP/EPS shape only μ, which
+    stays 1, so they count as without effect too."""
+    defaults = _defaults()
+    s, d = cfg.SOLVER, defaults.SOLVER
+    optimizer = s.SAM.BASE_OPTIMIZER if s.OPTIMIZER == "SAM" else s.OPTIMIZER
+    inactive = []
+    if not s.AGVM.ENABLED:
+        inactive.append("AGVM")
+    if optimizer != "LARS":
+        inactive.append("LARS")
+    if s.OPTIMIZER not in ("LAMB", "PMD_LAMB"):
+        inactive.append("LAMB")
+    if s.OPTIMIZER != "PMD_LAMB":
+        inactive.append("PMD")
+    if s.OPTIMIZER != "SAM":
+        inactive.append("SAM")
+    out = []
+    for node in inactive:
+        for key, value in s[node].items():
+            if key != "ENABLED" and value != d[node][key]:
+                out.append(f"SOLVER.{node}.{key}={value!r}")
+    if s.AGVM.ENABLED and s.AGVM.MEASURE_ONLY:  # μ stays 1: what shapes μ has no effect
+        out += [f"SOLVER.AGVM.{k}={s.AGVM[k]!r}" for k in ("MOMENTUM", "CLAMP", "EPS") if s.AGVM[k] != d.AGVM[k]]
+    return out
+
+
+def _defaults() -> CfgNode:
+    from detectron2.config import get_cfg
+
+    from .config import add_agvm_config
+
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: CfgNode, world_size: Optional[int] = None) -> None:
     """Solver and AGVM keys (:func:`agvm.detectron2.check_agvm_config`), the schedule, the
-    batch against the world size and accumulation, SyncBN against the device, and the datasets
-    (registered). Raises ``ValueError``/``KeyError`` naming the key and value."""
+    batch against the world size (default: the running job's) and accumulation, SyncBN against
+    the device, and the datasets (registered). Raises ``ValueError``/``KeyError`` naming the key
+    and value; settings without effect (:func:`ineffective_keys`) are logged as a warning."""
     check_agvm_config(cfg)
+    unused = ineffective_keys(cfg)
+    if unused:
+        logger.warning(f"settings without effect in this config (ignored): {', '.join(unused)}")
     s = cfg.SOLVER
     if not (isinstance(s.BASE_LR, (int, float)) and math.isfinite(s.BASE_LR) and s.BASE_LR > 0):
         raise ValueError(f"SOLVER.BASE_LR={s.BASE_LR!r} must be a finite number > 0 (learning rate at batch SOLVER.IMS_PER_BATCH)")
@@ -35,7 +85,7 @@ def validate_config(cfg: CfgNode) -> None:
                 f"SOLVER.MAX_ITER={s.MAX_ITER}: AGVM would never estimate Φ. Lower START_ITER (-1 = "
                 f"SOLVER.WARMUP_ITERS + 100 = {s.WARMUP_ITERS + 100}) or turn SOLVER.AGVM.ENABLED off"
             )
-    check_split_batch(cfg)
+    check_split_batch(cfg, world_size)
     check_norm_device(cfg)
     check_datasets_registered(cfg)
 
@@ -70,10 +120,11 @@ def check_norm_device(cfg) -> None:
         )
 
 
-def check_split_batch(cfg) -> None:
+def check_split_batch(cfg, world_size: Optional[int] = None) -> None:
     """Fail before training when the batch cannot be cut into micro-batches, or (one process,
-    odd ``SOLVER.GRAD_ACCUM_STEPS``) AGVM's measuring passes cannot halve them."""
-    world = comm.get_world_size()
+    odd ``SOLVER.GRAD_ACCUM_STEPS``) AGVM's measuring passes cannot halve them. ``world_size``:
+    processes of the job (default: the running job's)."""
+    world = comm.get_world_size() if world_size is None else world_size
     batch, k = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.GRAD_ACCUM_STEPS
     if batch % world:
         raise ValueError(f"SOLVER.IMS_PER_BATCH={batch} is not divisible by the world size {world}")
