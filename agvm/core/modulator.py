@@ -16,7 +16,17 @@ from __future__ import annotations
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["GradientVarianceModulator"]
+__all__ = ["GradientVarianceModulator", "SettingError"]
+
+
+class SettingError(ValueError):
+    """A bad argument of :class:`GradientVarianceModulator` (or :class:`agvm.AGVM`): ``name``
+    (the argument), ``value`` and ``rule`` (what would be accepted). Front ends (the
+    detectron2 config) re-raise it under their own key names."""
+
+    def __init__(self, name: str, value, rule: str) -> None:
+        self.name, self.value, self.rule = name, value, rule
+        super().__init__(f"{name}={value!r} {rule}")
 
 
 class GradientVarianceModulator:
@@ -65,21 +75,21 @@ class GradientVarianceModulator:
         if len(set(modules)) != len(modules):
             raise ValueError(f"module names must be unique, got {modules}")
         if anchor not in modules:
-            raise ValueError(f"anchor={anchor!r} is not one of the modules {modules}")
+            raise SettingError("anchor", anchor, f"is not one of the modules {modules}")
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum (α) must be in [0, 1), got {momentum!r}")
+            raise SettingError("momentum", momentum, "must be in [0, 1) (α, the momentum on μ)")
         if not (isinstance(interval, int) and interval >= 1):
-            raise ValueError(f"interval (τ) must be an integer ≥ 1, got {interval!r}")
+            raise SettingError("interval", interval, "must be an integer ≥ 1 (τ, iterations between estimates)")
         if not (isinstance(start_iter, int) and start_iter >= 0):
-            raise ValueError(f"start_iter must be an integer ≥ 0, got {start_iter!r}")
+            raise SettingError("start_iter", start_iter, "must be an integer ≥ 0")
         if stop_iter is not None and not (isinstance(stop_iter, int) and stop_iter >= start_iter):
-            raise ValueError(f"stop_iter must be None or an integer ≥ start_iter={start_iter}, got {stop_iter!r}")
+            raise SettingError("stop_iter", stop_iter, f"must be None (never) or an integer ≥ the start iteration {start_iter}")
         if clamp is not None:
             if len(clamp) != 2 or not (0.0 < float(clamp[0]) <= float(clamp[1])):
-                raise ValueError(f"clamp must be None or (lo, hi) with 0 < lo ≤ hi, got {clamp!r}")
+                raise SettingError("clamp", clamp, "must be None (no clamp) or (lo, hi) with 0 < lo ≤ hi")
             clamp = (float(clamp[0]), float(clamp[1]))
-        if not (eps >= 0.0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
+            raise SettingError("eps", eps, "must be a finite number ≥ 0 (added to both variances of the ratio)")
         # anchor first, then the others in the given order
         self.modules = [anchor] + [m for m in modules if m != anchor]
         self.anchor = anchor

@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch.optim import Optimizer
 
-from .modulator import GradientVarianceModulator
+from .modulator import GradientVarianceModulator, SettingError
 from .variance import GradientStats, gradient_stats, variance_from_stats
 
 __all__ = ["AGVM", "MODULE_KEY", "is_adam_like"]
@@ -66,14 +66,14 @@ class AGVM(Optimizer):
             name under ``"agvm_module"``; several groups may belong to one module (e.g.
             detectron2's separate weight-decay groups for norms and biases).
         modulator: a :class:`GradientVarianceModulator` over exactly those module names, or
-            None to build one from the keyword arguments below.
-        anchor, momentum, interval, start_iter, stop_iter, clamp, eps, measure_only: passed to
-            :class:`GradientVarianceModulator` when ``modulator`` is None (defaults
-            ``"backbone"``, 0.97, 10, 0, None, ``(0.5, 10.0)``, 1e-6, False).
+            None to build one from ``modulator_kwargs`` (its arguments and defaults: anchor,
+            momentum α, interval τ, start_iter, stop_iter, clamp, eps, measure_only).
         precondition: take the cosine on Adam-preconditioned half-gradients
             ``g / (sqrt(β2·v + (1 − β2)·g²) + ε)`` (v = the optimizer's current second moment),
             as the authors' release does for AdamW. ``"auto"`` (default) enables it for
             Adam-family optimizers (:func:`is_adam_like`); True/False force it.
+        **modulator_kwargs: passed to :class:`GradientVarianceModulator` when ``modulator`` is
+            None (e.g. ``interval=5``); not allowed together with ``modulator``.
 
     The wrapper *is* a ``torch.optim.Optimizer`` sharing ``param_groups``, ``state`` and
     ``defaults`` with ``optimizer``, so LR schedulers and detectron2's hooks work on it.
@@ -85,15 +85,8 @@ class AGVM(Optimizer):
         optimizer: Optimizer,
         modulator: Optional[GradientVarianceModulator] = None,
         *,
-        anchor: str = "backbone",
-        momentum: float = 0.97,
-        interval: int = 10,
-        start_iter: int = 0,
-        stop_iter: Optional[int] = None,
-        clamp: Optional[Tuple[float, float]] = (0.5, 10.0),
-        eps: float = 1e-6,
-        measure_only: bool = False,
         precondition: Union[str, bool] = "auto",
+        **modulator_kwargs,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"AGVM wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -107,16 +100,15 @@ class AGVM(Optimizer):
             )
         modules = _ordered_modules(optimizer.param_groups)
         if modulator is None:
-            modulator = GradientVarianceModulator(
-                modules, anchor=anchor, momentum=momentum, interval=interval, start_iter=start_iter,
-                stop_iter=stop_iter, clamp=clamp, eps=eps, measure_only=measure_only,
-            )
+            modulator = GradientVarianceModulator(modules, **modulator_kwargs)
+        elif modulator_kwargs:
+            raise TypeError(f"pass either a modulator or its arguments, not both: got {sorted(modulator_kwargs)}")
         elif set(modulator.modules) != set(modules):
             raise ValueError(
                 f"the modulator's modules {modulator.modules} differ from the optimizer's groups' modules {modules}"
             )
         if precondition not in ("auto", True, False):
-            raise ValueError(f"precondition must be 'auto', True or False, got {precondition!r}")
+            raise SettingError("precondition", precondition, "must be 'auto', True or False")
         self.optimizer = optimizer
         self.modulator = modulator
         self.precondition = is_adam_like(optimizer) if precondition == "auto" else bool(precondition)

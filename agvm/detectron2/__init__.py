@@ -9,8 +9,8 @@ import warnings
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-from .build import agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
-from .config import OPTIMIZERS, add_agvm_config
+from .build import agvm_kwargs, agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
+from .config import OPTIMIZERS, add_agvm_config, add_solver_config
 from .engine import build_evaluator, default_argument_parser, print_results, setup_cfg, train_or_evaluate
 from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
 from .launch import launch
@@ -24,6 +24,8 @@ __all__ = [
     "ResumableTrainingSampler",
     "Trainer",
     "add_agvm_config",
+    "add_solver_config",
+    "agvm_kwargs",
     "agvm_param_groups",
     "agvm_start_iter",
     "build_agvm_optimizer",

@@ -14,12 +14,13 @@ from timm.optim import Lamb, Lars
 
 from detectron2.utils import comm
 
+from ..core.modulator import GradientVarianceModulator, SettingError
 from ..core.optim import AGVM, MODULE_KEY, is_adam_like
 from ..solver import LR_SCALING_RULES, PMDLamb
 from .config import OPTIMIZERS
 from .groups import group_parameters
 
-__all__ = ["build_agvm_optimizer", "agvm_param_groups", "agvm_start_iter", "check_agvm_config"]
+__all__ = ["build_agvm_optimizer", "agvm_kwargs", "agvm_param_groups", "agvm_start_iter", "check_agvm_config"]
 
 #: Optimizers with a layer-wise trust ratio (SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM applies).
 TRUST_RATIO_OPTIMIZERS = ("LARS", "LAMB", "PMD_LAMB")
@@ -29,8 +30,34 @@ logger = logging.getLogger(__name__)
 
 def agvm_start_iter(cfg: CfgNode) -> int:
     """``SOLVER.AGVM.START_ITER`` resolved: -1 means ``SOLVER.WARMUP_ITERS + 100``."""
-    start = cfg.SOLVER.AGVM.START_ITER
-    return cfg.SOLVER.WARMUP_ITERS + 100 if start == -1 else start
+    return agvm_kwargs(cfg)["start_iter"]
+
+
+#: SOLVER.AGVM key of each argument of the core (GradientVarianceModulator / AGVM).
+CONFIG_KEYS = {"anchor": "ANCHOR", "momentum": "MOMENTUM", "interval": "INTERVAL", "start_iter": "START_ITER",
+               "stop_iter": "STOP_ITER", "clamp": "CLAMP", "eps": "EPS", "measure_only": "MEASURE_ONLY",
+               "precondition": "PRECONDITION"}
+_SENTINELS = {"START_ITER": " (or -1: SOLVER.WARMUP_ITERS + 100)", "STOP_ITER": " (or -1: never stop)",
+              "CLAMP": " (() = no clamp)"}
+
+
+def agvm_kwargs(cfg: CfgNode) -> Dict[str, Any]:
+    """The core's keyword arguments (:class:`agvm.AGVM` and its modulator) from SOLVER.AGVM,
+    with every config sentinel resolved here and nowhere else: START_ITER -1 → WARMUP_ITERS +
+    100 (the release), STOP_ITER -1 → None, CLAMP () → None, PRECONDITION auto/on/off →
+    "auto"/True/False. Validation of the values is the core's (:func:`check_agvm_config`)."""
+    a = cfg.SOLVER.AGVM
+    return {
+        "anchor": a.ANCHOR,
+        "momentum": a.MOMENTUM,
+        "interval": a.INTERVAL,
+        "start_iter": cfg.SOLVER.WARMUP_ITERS + 100 if a.START_ITER == -1 else a.START_ITER,
+        "stop_iter": None if a.STOP_ITER == -1 else a.STOP_ITER,
+        "clamp": tuple(a.CLAMP) or None,
+        "eps": a.EPS,
+        "measure_only": a.MEASURE_ONLY,
+        "precondition": {"auto": "auto", "on": True, "off": False}.get(a.PRECONDITION, a.PRECONDITION),
+    }
 
 
 def check_agvm_config(cfg: CfgNode) -> None:
@@ -72,22 +99,15 @@ def check_agvm_config(cfg: CfgNode) -> None:
     a = s.AGVM
     if not a.ENABLED:
         return
-    if not (0.0 <= a.MOMENTUM < 1.0):
-        raise ValueError(f"SOLVER.AGVM.MOMENTUM={a.MOMENTUM!r} must be in [0, 1)")
-    if not (isinstance(a.INTERVAL, int) and a.INTERVAL >= 1):
-        raise ValueError(f"SOLVER.AGVM.INTERVAL={a.INTERVAL!r} must be an integer ≥ 1")
-    clamp = tuple(a.CLAMP)
-    if clamp and not (len(clamp) == 2 and 0.0 < clamp[0] <= clamp[1]):
-        raise ValueError(f"SOLVER.AGVM.CLAMP={clamp!r} must be () (no clamp) or (lo, hi) with 0 < lo ≤ hi")
-    start = agvm_start_iter(cfg)
-    if start < 0:
-        raise ValueError(f"SOLVER.AGVM.START_ITER={a.START_ITER!r} must be -1 (warm-up + 100) or ≥ 0")
-    if a.STOP_ITER != -1 and a.STOP_ITER < start:
-        raise ValueError(f"SOLVER.AGVM.STOP_ITER={a.STOP_ITER!r} must be -1 (never) or ≥ the start iteration {start}")
-    if not (isinstance(a.EPS, (int, float)) and math.isfinite(a.EPS) and a.EPS >= 0):
-        raise ValueError(f"SOLVER.AGVM.EPS={a.EPS!r} must be a finite number ≥ 0 (added to both variances of the ratio)")
     if a.PRECONDITION not in ("auto", "on", "off"):
         raise ValueError(f"SOLVER.AGVM.PRECONDITION={a.PRECONDITION!r} must be 'auto', 'on' or 'off'")
+    kwargs = agvm_kwargs(cfg)
+    kwargs.pop("precondition")
+    try:  # the core validates its own arguments; the message is given the config key here
+        GradientVarianceModulator([a.ANCHOR], **kwargs)
+    except SettingError as e:
+        key = CONFIG_KEYS[e.name]
+        raise ValueError(f"SOLVER.AGVM.{key}={a[key]!r} {e.rule}{_SENTINELS.get(key, '')}") from None
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ValueError(f"SOLVER.AMP.ENABLED=True needs a CUDA device, got MODEL.DEVICE={cfg.MODEL.DEVICE!r}")
 
@@ -172,20 +192,7 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
             optimizer = PMDLamb(groups, decay_period=s.PMD.PERIOD, decay_factor=s.PMD.FACTOR, **kwargs)
     if not s.AGVM.ENABLED:
         return optimizer
-    a = s.AGVM
-    precondition = {"auto": "auto", "on": True, "off": False}[a.PRECONDITION]
-    wrapped = AGVM(
-        optimizer,
-        anchor=a.ANCHOR,
-        momentum=a.MOMENTUM,
-        interval=a.INTERVAL,
-        start_iter=agvm_start_iter(cfg),
-        stop_iter=None if a.STOP_ITER == -1 else a.STOP_ITER,
-        clamp=tuple(a.CLAMP) or None,
-        eps=a.EPS,
-        measure_only=a.MEASURE_ONLY,
-        precondition=precondition,
-    )
+    wrapped = AGVM(optimizer, **agvm_kwargs(cfg))
     sizes = {m: sum(p.numel() for p in ps) for m, ps in wrapped.params_by_module().items()}
     logger.info(
         "AGVM modules (parameters): "

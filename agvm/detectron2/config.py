@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_agvm_config", "OPTIMIZERS"]
+from ..core.modulator import GradientVarianceModulator
+
+#: The core's defaults (α, τ, clamp, eps, anchor, measure_only): the config takes them from
+#: there, so each default lives in one place (agvm.core.modulator).
+_CORE = {k: p.default for k, p in inspect.signature(GradientVarianceModulator).parameters.items()
+         if p.default is not inspect.Parameter.empty}
+
+__all__ = ["add_agvm_config", "add_solver_config", "OPTIMIZERS"]
 
 #: Values accepted by ``SOLVER.OPTIMIZER``.
 OPTIMIZERS = ("SGD", "AdamW", "LARS", "LAMB", "SAM", "PMD_LAMB")
 
 
-def add_agvm_config(cfg: CN) -> None:
-    """Add agvm's keys to a detectron2 config (in place). Idempotent."""
-    if "AGVM" in cfg.SOLVER:
+def add_solver_config(cfg: CN) -> None:
+    """Add the solver keys agvm's trainer understands besides SOLVER.AGVM.* (in place;
+    idempotent): SOLVER.OPTIMIZER and each optimizer's settings, LR scaling, gradient
+    accumulation, the clipping window, DDP fp16 compression, the non-finite policy."""
+    if "OPTIMIZER" in cfg.SOLVER:
         return
     _C = cfg
     # Optimizer, one of OPTIMIZERS. Weight decay and the norm/bias groups are detectron2's
@@ -72,16 +83,28 @@ def add_agvm_config(cfg: CN) -> None:
     # error after this many consecutive skips (≥ 1). With AMP, the GradScaler skips them instead.
     _C.SOLVER.MAX_CONSECUTIVE_NONFINITE = 5
 
+
+
+def add_agvm_config(cfg: CN) -> None:
+    """Add agvm's keys to a detectron2 config (in place; idempotent): the solver keys of
+    :func:`add_solver_config` (optimizers, accumulation, clipping window, ...) and SOLVER.AGVM.*,
+    the method's own (defaults from :class:`agvm.GradientVarianceModulator`)."""
+    add_solver_config(cfg)
+    if "AGVM" in cfg.SOLVER:
+        return
+    _C = cfg
+    # SOLVER.AGVM.* become the core's arguments in one place, agvm.detectron2.agvm_kwargs(cfg)
+    # (sentinels resolved there), and are validated by the core (messages name these keys).
     _C.SOLVER.AGVM = CN()
     # Modulate each module's learning rate by μ = sqrt(Φ_anchor / Φ_module) (the method).
     _C.SOLVER.AGVM.ENABLED = False
     # With ENABLED: estimate and log Φ every INTERVAL iterations but keep μ = 1 (the baseline
     # curves of the paper's Figure 1; the step is then identical to plain training).
-    _C.SOLVER.AGVM.MEASURE_ONLY = False
+    _C.SOLVER.AGVM.MEASURE_ONLY = _CORE["measure_only"]
     # α: momentum on μ, in [0, 1). Paper default 0.97 (results flat over [0.95, 0.98]).
-    _C.SOLVER.AGVM.MOMENTUM = 0.97
+    _C.SOLVER.AGVM.MOMENTUM = _CORE["momentum"]
     # τ: iterations between two estimates of Φ (≥ 1). Paper: 10 (5 above ~1K batch).
-    _C.SOLVER.AGVM.INTERVAL = 10
+    _C.SOLVER.AGVM.INTERVAL = _CORE["interval"]
     # First iteration (0-based) with an estimate; -1 = SOLVER.WARMUP_ITERS + 100 (the release).
     _C.SOLVER.AGVM.START_ITER = -1
     # Last iteration that may estimate; -1 = never stop. After it the plain LR returns (μ = 1),
@@ -89,11 +112,11 @@ def add_agvm_config(cfg: CN) -> None:
     _C.SOLVER.AGVM.STOP_ITER = -1
     # (lo, hi) bounds of the ratio Φ_anchor / Φ_module before the square root, 0 < lo ≤ hi;
     # () disables clamping. The release's (0.5, 10.0) gives μ_new ∈ [0.707, 3.16].
-    _C.SOLVER.AGVM.CLAMP = (0.5, 10.0)
+    _C.SOLVER.AGVM.CLAMP = tuple(_CORE["clamp"])
     # Added to both variances of the ratio.
-    _C.SOLVER.AGVM.EPS = 1e-6
+    _C.SOLVER.AGVM.EPS = _CORE["eps"]
     # The module the others are aligned to (its μ is 1). Paper: "backbone" (best in ablation).
-    _C.SOLVER.AGVM.ANCHOR = "backbone"
+    _C.SOLVER.AGVM.ANCHOR = _CORE["anchor"]
     # Extra (module name, regex) rules, tried before the defaults of agvm.detectron2.groups;
     # e.g. [["box_predictor", "^roi_heads\\.box_predictor\\."]]. [] = automatic grouping.
     _C.SOLVER.AGVM.GROUPS = []
