@@ -78,7 +78,7 @@ def build(batch: int, n_batches: int):
 def run_one(step, batch_data, flavour: str, iteration: int) -> float:
     import torch
 
-    from agvm.detectron2.trainer import _share_iterator
+    from agvm.detectron2.resume import _share_iterator
 
     step.data_loader = [batch_data]
     _share_iterator(step, None)

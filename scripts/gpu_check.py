@@ -95,7 +95,8 @@ def _hook_worker(rank, world, port, backend, device, amp, out_path, adam=False):
 
     from agvm.core.modulator import GradientVarianceModulator
     from agvm.detectron2 import AGVMStepTrainer, build_agvm_optimizer
-    from agvm.detectron2.trainer import _share_iterator, install_agvm_hook
+    from agvm.detectron2.defaults import install_agvm_hook
+    from agvm.detectron2.resume import _share_iterator
     from agvm.distributed import half_sizes
 
     dev = f"cuda:{rank % torch.cuda.device_count()}" if device == "cuda" else "cpu"
@@ -250,7 +251,7 @@ def check_fullscale(amp: bool, iters: int = 6, device: str = "cuda", size=(800, 
     from detectron2.utils.events import EventStorage
 
     from agvm.detectron2 import AGVMStepTrainer, add_agvm_config, build_agvm_optimizer
-    from agvm.detectron2.trainer import _share_iterator
+    from agvm.detectron2.resume import _share_iterator
 
     cfg = get_cfg()
     add_agvm_config(cfg)

@@ -103,7 +103,7 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
 
     from agvm.detectron2 import AGVMTrainer, default_argument_parser, setup_cfg
     from agvm.detectron2.launch import _init
-    from agvm.detectron2.trainer import _cpu_capable_ddp
+    from agvm.detectron2.defaults import _cpu_capable_ddp
 
     _init("gloo", f"tcp://127.0.0.1:{port}", world, rank, rank, world, DEFAULT_TIMEOUT)
     torch.set_num_threads(1)
@@ -167,7 +167,7 @@ def _check_phi_against_gathered_gradients(trainer):
     """Before each AGVM step, compute every rank's local gradient on the same data and RNG
     state without DDP, gather them, and Φ per module from the two halves' means; after the
     step, record (reference Φ, hook Φ) pairs."""
-    from agvm.detectron2.trainer import set_data_iterator
+    from agvm.detectron2.resume import set_data_iterator
     from agvm.distributed import half_sizes
 
     step = trainer._trainer

@@ -20,7 +20,7 @@ from detectron2.utils.events import EventStorage
 from agvm.core.optim import AGVM
 from agvm.core.sandbox import UnaccountedStateError, preserved_state
 from agvm.detectron2 import AGVMStepTrainer, add_agvm_config, build_agvm_optimizer
-from agvm.detectron2.trainer import _share_iterator
+from agvm.detectron2.resume import _share_iterator
 from zoo import IMAGE, build_lazy_model, num_keypoints, tiny_batch
 
 FAMILIES = {

@@ -10,7 +10,7 @@ import torch
 from detectron2.config import get_cfg
 
 from agvm.detectron2 import add_agvm_config
-from agvm.detectron2.trainer import _clip_fn
+from agvm.detectron2.defaults import _clip_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

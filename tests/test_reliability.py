@@ -15,7 +15,7 @@ import torch
 from agvm.detectron2 import AGVMTrainer
 from agvm.detectron2.checkpoint import SafeCheckpointer, nonfinite_entries
 from test_train_e2e import ROOT, load_train_net, tiny_args
-from test_trainer import AGVM_OPTS, _cfg
+from test_trainer import _cfg
 
 FINISHED = {"config.yaml": b"SOLVER:\n  AGVM:\n    MOMENTUM: 0.97\n", "log.txt": b"a finished run\n",
             "model_final.pth": b"\x00weights", "metrics.json": b'{"iteration": 0}\n', "last_checkpoint": b"model_final.pth"}

@@ -194,7 +194,7 @@ def test_resume_continues_exactly(tiny_shapes):
 def test_unsmoothed_backlog_between_writes():
     from detectron2.utils.events import EventStorage
 
-    from agvm.detectron2.trainer import _unsmoothed_backlog
+    from agvm.detectron2.writers import _unsmoothed_backlog
 
     with EventStorage(0) as storage:
         for it in (1, 3, 5):

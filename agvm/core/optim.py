@@ -34,7 +34,7 @@ DDP the halves are ranks (:mod:`agvm.distributed`), with no extra pass either.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from torch.optim import Optimizer

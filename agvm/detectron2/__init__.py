@@ -11,10 +11,12 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 from .build import agvm_kwargs, agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
 from .config import OPTIMIZERS, add_agvm_config, add_solver_config
-from .engine import build_evaluator, default_argument_parser, print_results, setup_cfg, train_or_evaluate
+from .cli import build_evaluator, default_argument_parser, print_results, setup_cfg, train_or_evaluate
 from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
 from .launch import launch
-from .trainer import AGVMStepTrainer, AGVMTrainer, ResumableTrainingSampler, Trainer, install_agvm_hook, split_batch
+from .defaults import AGVMTrainer, Trainer, install_agvm_hook
+from .resume import ResumableTrainingSampler
+from .train_loop import AGVMStepTrainer, split_batch
 
 __all__ = [
     "AGVMStepTrainer",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Dict, List
 
 import torch
@@ -12,10 +11,9 @@ from detectron2.solver.build import get_default_optimizer_params
 
 from timm.optim import Lamb, Lars
 
-from detectron2.utils import comm
 
 from ..core.modulator import GradientVarianceModulator, SettingError
-from ..core.optim import AGVM, MODULE_KEY, is_adam_like
+from ..core.optim import AGVM, MODULE_KEY
 from ..solver import LR_SCALING_RULES, PMDLamb
 from .config import OPTIMIZERS
 from .groups import group_parameters

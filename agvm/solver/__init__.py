@@ -1,7 +1,7 @@
 """Baselines and schedules of the paper's comparisons: PMD-LAMB, LR scaling, exp warm-up.
 
 LARS and LAMB come from timm (``timm.optim.Lars``, ``timm.optim.Lamb``); SAM's two-pass step
-lives in the trainer (``agvm.detectron2.trainer``). See ``agvm.detectron2.build`` for the
+lives in the trainer (``agvm.detectron2.train_loop``). See ``agvm.detectron2.build`` for the
 ``SOLVER.OPTIMIZER`` names.
 """
 

@@ -61,7 +61,7 @@ def _agvm_epilog() -> str:
     add_agvm_config(cfg)
     keys = [f"  SOLVER.AGVM.{k} {v!r}" for k, v in cfg.SOLVER.AGVM.items()]
     keys += [f"  SOLVER.{k} {cfg.SOLVER[k]!r}" for k in ("OPTIMIZER", "GRAD_ACCUM_STEPS", "MAX_CONSECUTIVE_NONFINITE")]
-    keys.append(f"  SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'value' | 'norm' (per parameter) | 'full_model'")
+    keys.append("  SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'value' | 'norm' (per parameter) | 'full_model'")
     return (
         "Examples:\n"
         "  train_net.py --config-file <cfg.yaml> --num-gpus 8 [KEY VALUE ...]\n"

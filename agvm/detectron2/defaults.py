@@ -1,0 +1,228 @@
+"""AGVMTrainer: detectron2's DefaultTrainer with the AGVM optimizer, its step
+(:mod:`agvm.detectron2.train_loop`), exact logging (:mod:`.writers`), exact and crash-safe
+resume (:mod:`.resume`, :mod:`.checkpoint`), and the config checks (:mod:`.checks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer
+from detectron2.engine.defaults import default_writers
+from detectron2.engine.hooks import PeriodicWriter
+from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter, TensorboardXWriter
+from torch.nn.parallel import DistributedDataParallel
+
+from ..core.optim import AGVM
+from ..distributed import AGVMHookState, agvm_comm_hook
+from ..solver import build_lr_scheduler
+from .build import build_agvm_optimizer
+from .checkpoint import SafeCheckpointer
+from .checks import validate_config
+from .cli import build_evaluator
+from .resume import ResumableTrainingSampler, _find_sampler, _share_iterator
+from .train_loop import AGVMStepTrainer
+from .writers import ExactJSONWriter, ExactTensorboardWriter, truncate_metrics
+
+__all__ = ["AGVMTrainer", "Trainer", "install_agvm_hook"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's ``DefaultTrainer`` with the evaluator picked from the dataset's metadata."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+class AGVMTrainer(Trainer):
+    """The trainer of every project: AGVM optimizer (``build_agvm_optimizer``), the AGVM step
+    (:class:`AGVMStepTrainer`), exact Φ/μ/lr logging, and exact resume (optimizer with μ, data
+    position and RNG state). With ``SOLVER.AGVM.ENABLED`` False it trains like detectron2's
+    DefaultTrainer, plus ``SOLVER.OPTIMIZER``, ``GRAD_ACCUM_STEPS`` and the clipping window.
+    """
+
+    def __init__(self, cfg):
+        validate_config(cfg)
+        with _cpu_capable_ddp():
+            super().__init__(cfg)
+        stock = self._trainer
+        clip = None
+        if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
+            clip = (_clip_fn(cfg), tuple(cfg.SOLVER.CLIP_GRADIENTS.ITER_RANGE))
+        step = AGVMStepTrainer(
+            stock.model, [], stock.optimizer,
+            accum_steps=cfg.SOLVER.GRAD_ACCUM_STEPS, clip=clip, amp=cfg.SOLVER.AMP.ENABLED,
+            grad_scaler=getattr(stock, "grad_scaler", None),
+            sam_rho=cfg.SOLVER.SAM.RHO if cfg.SOLVER.OPTIMIZER == "SAM" else None,
+            max_nonfinite=cfg.SOLVER.MAX_CONSECUTIVE_NONFINITE,
+        )
+        step.data_loader = stock.data_loader
+        _share_iterator(step, stock)
+        self._trainer = step
+        if isinstance(step.model, DistributedDataParallel):
+            fp16 = cfg.SOLVER.DDP_FP16_COMPRESSION
+            if isinstance(step.optimizer, AGVM):
+                step.hook_state = install_agvm_hook(step.model, step.optimizer, compress_fp16=fp16)
+            elif fp16:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                step.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+
+    def build_hooks(self):
+        # crash-safe checkpoints (atomic, finite-only, fallback on resume), metrics on disk first
+        old = self.checkpointer
+        self.checkpointer = SafeCheckpointer(old.model, self.cfg.OUTPUT_DIR, save_to_disk=old.save_to_disk,
+                                             **old.checkpointables)
+        hooks_ = super().build_hooks()
+        self._periodic_writers = [h for h in hooks_ if isinstance(h, PeriodicWriter)]
+        self.checkpointer.before_save = self._flush_metrics
+        return hooks_
+
+    def _flush_metrics(self):
+        """Write every metric up to now (JSON and tensorboard), before a checkpoint is declared."""
+        for w in [w for h in getattr(self, "_periodic_writers", []) for w in h._writers]:
+            if isinstance(w, (JSONWriter, TensorboardXWriter)):
+                w.write()
+                if isinstance(w, TensorboardXWriter):
+                    w._writer.flush()
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_agvm_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return super().build_train_loader(cfg)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        return build_detection_train_loader(cfg, dataset=dataset, sampler=ResumableTrainingSampler(len(dataset)))
+
+    def build_writers(self):
+        writers = []
+        for w in default_writers(self.cfg.OUTPUT_DIR, self.max_iter):
+            if type(w) is JSONWriter:
+                path = w._file_handle.name
+                w.close()
+                w = ExactJSONWriter(path)
+            elif type(w) is TensorboardXWriter:
+                log_dir = w._writer.log_dir
+                w.close()
+                w = ExactTensorboardWriter(log_dir)
+            writers.append(w)
+        return writers
+
+    def state_dict(self):
+        # detectron2 0.6's DefaultTrainer does not save its inner trainer (optimizer, μ, grad
+        # scaler); main does. Save it either way.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("the checkpoint has no optimizer/AGVM state (written by a stock detectron2 0.6 trainer?)")
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0 and comm.is_main_process():
+            # rows past the checkpoint were logged by the killed run: the resumed run logs them again
+            dropped = truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+            if dropped:
+                logger.info(f"metrics.json: dropped {dropped} rows past the checkpoint (iteration ≥ {self.start_iter})")
+            for hook in self._periodic_writers:  # tensorboard: discard the events past the checkpoint
+                for i, w in enumerate(hook._writers):
+                    if isinstance(w, TensorboardXWriter):
+                        log_dir = w._writer.log_dir
+                        w.close()
+                        hook._writers[i] = ExactTensorboardWriter(log_dir, purge_step=self.start_iter)
+        if self.start_iter > 0:
+            sampler = _find_sampler(self._trainer.data_loader)
+            if sampler is None:
+                logger.warning("resuming with a sampler that cannot skip: the data order differs from an uninterrupted run")
+                return
+            per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            sampler.skip = self.start_iter * per_rank
+            _share_iterator(self._trainer, None)
+            # a fresh DataLoader iterator draws its base seed from torch's RNG on its first
+            # next(), which the uninterrupted run did at iteration 0: undo that draw
+            self._trainer.restore_torch_rng_after_next = torch.get_rng_state()
+
+
+def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM, compress_fp16: bool = False) -> AGVMHookState:
+    """Register :func:`agvm.distributed.agvm_comm_hook` on ``ddp`` for ``agvm``'s modules
+    (``compress_fp16``: fp16 all-reduce on ordinary iterations; default False). With
+    ``agvm.precondition`` the hook measures Φ on Adam-preconditioned half means, as the
+    authors' release does for AdamW."""
+    module_of = {p: m for m, ps in agvm.params_by_module().items() for p in ps}
+    state = AGVMHookState(
+        module_of, agvm.modulator.modules, compress_fp16=compress_fp16,
+        precondition=agvm.preconditioner() if agvm.precondition else None,
+    )
+    ddp.register_comm_hook(state, agvm_comm_hook)
+    logger.info(
+        f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks"
+        + ("; Φ on Adam-preconditioned gradients" if agvm.precondition else "")
+    )
+    return state
+
+
+@contextlib.contextmanager
+def _cpu_capable_ddp():
+    """detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP rejects
+    for CPU modules: inside this block CPU models get ``device_ids=None``."""
+    import detectron2.engine.defaults as defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs["device_ids"] = None
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
+def _clip_fn(cfg):
+    """The clipping of ``SOLVER.CLIP_GRADIENTS``: detectron2's ``"value"`` (each element to
+    ±CLIP_VALUE) and ``"norm"`` (each parameter tensor separately to L-NORM_TYPE norm ≤
+    CLIP_VALUE), plus ``"full_model"`` (one norm over all parameters together, the authors'
+    release and Mask2Former's name for it)."""
+    c = cfg.SOLVER.CLIP_GRADIENTS
+    if c.CLIP_TYPE == "value":
+        return lambda params: torch.nn.utils.clip_grad_value_(params, c.CLIP_VALUE)
+    if c.CLIP_TYPE == "norm":
+        def per_parameter(params):
+            for p in params:
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(p, c.CLIP_VALUE, c.NORM_TYPE)
+        return per_parameter
+    if c.CLIP_TYPE == "full_model":
+        return lambda params: torch.nn.utils.clip_grad_norm_(params, c.CLIP_VALUE, c.NORM_TYPE)
+    raise ValueError(
+        f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={c.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, detectron2's "
+        "meaning) or 'full_model' (one norm over the whole model)"
+    )

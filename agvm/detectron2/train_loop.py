@@ -1,0 +1,342 @@
+"""The step of :class:`agvm.AGVMTrainer`: detectron2's ``SimpleTrainer`` seam (one iteration).
+
+AGVM changes training only through μ. On an AGVM iteration (every τ-th from the start
+iteration) of a single process, Φ = 1 − cos(G1, G2) per module is measured on two half-batches
+and μ is updated; the step itself is the plain iteration's, so the parameters, BatchNorm running
+statistics, loss normalisers and RNG afterwards are those of a run without AGVM (then scaled by
+μ). Where the halves come from:
+
+- ``SOLVER.GRAD_ACCUM_STEPS`` = k even: free. The plain iteration already runs k micro-batches;
+  the first k/2 are half 1 and the last k/2 half 2 (a copy of the gradient is taken between
+  them). Each micro-batch has its own BN batch statistics, as in plain accumulation.
+- k odd (1 included): two extra passes before the plain one, each over half of the batch (in
+  k micro-batches of half the size), inside :func:`agvm.core.preserved_state` (buffers, Python
+  number attributes such as RetinaNet's ``loss_normalizer``, RNG put back) and a throw-away
+  EventStorage (their losses are not logged). BN normalises each half with its own batch
+  statistics: Φ is what 2-rank DDP without SyncBN would measure. Cost: about one extra plain
+  iteration per AGVM iteration.
+
+Under DDP the halves are ranks: the comm hook (:mod:`agvm.distributed`) measures them during
+the ordinary backward, with no extra pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage, get_event_storage
+from torch.nn.parallel import DistributedDataParallel
+
+from ..core.optim import AGVM, MODULE_KEY
+from ..core.sandbox import preserved_state
+from .resume import _rng_state, _set_rng_state
+
+__all__ = ["AGVMStepTrainer", "split_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ batch split
+def split_batch(data: Sequence, accum_steps: int, halves: bool) -> List[Tuple[int, list]]:
+    """The micro-batches of one iteration as ``(half, items)`` pairs.
+
+    Without ``halves``: ``accum_steps`` equal chunks, all in half 0. With ``halves``: an even
+    ``accum_steps`` alternates its chunks between half 0 and half 1; an odd one (1 included)
+    cuts every chunk into two, the first part to half 0 and the second to half 1. All half-0
+    pairs come first.
+
+    Raises ValueError when ``len(data)`` is not divisible by ``accum_steps`` (and, with
+    halves, by ``2 * accum_steps`` for odd ``accum_steps``).
+    """
+    n = len(data)
+    if n % accum_steps:
+        raise ValueError(
+            f"the per-process batch ({n} images) is not divisible by SOLVER.GRAD_ACCUM_STEPS={accum_steps}"
+        )
+    size = n // accum_steps
+    chunks = [list(data[i * size:(i + 1) * size]) for i in range(accum_steps)]
+    if not halves:
+        return [(0, c) for c in chunks]
+    if accum_steps % 2 == 0:
+        pairs = [(i % 2, c) for i, c in enumerate(chunks)]
+    else:
+        if size < 2 or size % 2:
+            raise ValueError(
+                f"AGVM splits each micro-batch of {size} images into two halves: the per-process batch "
+                f"({n} images) / SOLVER.GRAD_ACCUM_STEPS ({accum_steps}) must be even and ≥ 2"
+            )
+        half = size // 2
+        pairs = [(0, c[:half]) for c in chunks] + [(1, c[half:]) for c in chunks]
+    return sorted(pairs, key=lambda hc: hc[0])
+
+
+# ------------------------------------------------------------------------------ the step
+class AGVMStepTrainer(SimpleTrainer):
+    """The inner trainer (detectron2's ``SimpleTrainer`` seam) that runs AGVM's step.
+
+    Args:
+        model, data_loader, optimizer: as for ``SimpleTrainer``; ``optimizer`` may be a bare
+            optimizer (AGVM disabled: plain steps, with accumulation and clipping support).
+        accum_steps: micro-batches per iteration (``SOLVER.GRAD_ACCUM_STEPS``).
+        clip: ``None`` or ``(clip_fn(params), (start, end))``: gradient clipping applied on
+            iterations in [start, end] ((-1, -1) = always).
+        amp: use CUDA autocast and a GradScaler (detectron2's AMPTrainer path); Φ is taken
+            from unscaled gradients and an overflowed step does not update μ.
+        sam_rho: run SAM (Foret et al., ICLR 2021) with this radius instead of a plain step:
+            gradient g, ascend to w + ρ·g/‖g‖, gradient there, back to w, step with it. Under
+            DDP the first pass does not synchronise; BN running statistics are updated by the
+            first pass only. None (default): no SAM.
+        max_nonfinite: steps whose gradient holds a NaN/inf are skipped (without AMP; with AMP
+            the GradScaler skips them): no parameter, optimizer or μ change, counted in
+            ``nonfinite/skipped_steps``; after this many in a row (default 5,
+            ``SOLVER.MAX_CONSECUTIVE_NONFINITE``) training stops with ``FloatingPointError``.
+            Under DDP the reduced gradients are bit-identical on every rank, so all ranks
+            decide alike.
+    """
+
+    def __init__(self, model, data_loader, optimizer, accum_steps=1, clip=None, amp=False, grad_scaler=None,
+                 sam_rho=None, max_nonfinite=5):
+        super().__init__(model, data_loader, optimizer)
+        if not (isinstance(max_nonfinite, int) and max_nonfinite >= 1):
+            raise ValueError(f"max_nonfinite (SOLVER.MAX_CONSECUTIVE_NONFINITE) must be an integer ≥ 1, got {max_nonfinite!r}")
+        self.max_nonfinite = max_nonfinite
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.nonfinite_total = 0  # skipped steps in the whole run
+        self.sam_rho = sam_rho
+        # set by AGVMTrainer under DDP: the comm hook supplies the halves (no batch split)
+        self.hook_state = None
+        self.accum_steps = accum_steps
+        self.clip = clip
+        self.amp = amp
+        if amp and grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler("cuda")
+        self.grad_scaler = grad_scaler
+        # set on resume: the torch RNG state to put back after the next data fetch
+        self.restore_torch_rng_after_next = None
+
+    @property
+    def agvm(self) -> Optional[AGVM]:
+        return self.optimizer if isinstance(self.optimizer, AGVM) else None
+
+    def _forward(self, items):
+        if self.amp:
+            with torch.autocast("cuda"):
+                loss_dict = self.model(items)
+        else:
+            loss_dict = self.model(items)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        return loss_dict
+
+    def _backward(self, loss):
+        if self.amp:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def run_step(self):
+        assert self.model.training, "[AGVMStepTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.restore_torch_rng_after_next is not None:
+            torch.set_rng_state(self.restore_torch_rng_after_next)
+            self.restore_torch_rng_after_next = None
+        iteration = self.iter
+        if self.sam_rho is not None:
+            self._sam_step(data, data_time, iteration)
+            return
+        agvm = self.agvm
+        estimate = agvm is not None and agvm.should_estimate(iteration)
+        k = self.accum_steps
+        chunks = [items for _, items in split_batch(data, k, halves=False)]
+        self.optimizer.zero_grad()
+        out = None
+        modulator_before = agvm.modulator.state_dict() if estimate else None
+        if estimate and self.hook_state is None and k % 2 == 1:
+            out = self._measure_halves(data, iteration)  # extra passes; the model left as it was
+        if estimate and self.hook_state is not None:
+            self.hook_state.estimate = True
+            self.hook_state.grad_scale = 1.0 / self._loss_scale()
+        # the plain iteration: k micro-batches, each loss divided by k
+        totals: Dict[str, float] = {}
+        no_sync = getattr(self.model, "no_sync", None)
+        for index, items in enumerate(chunks):
+            last = index == k - 1
+            with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                loss_dict = self._forward(items)
+                self._backward(sum(loss_dict.values()) / k)
+            for name, v in loss_dict.items():
+                totals[name] = totals.get(name, 0.0) + v.detach() / k
+            if estimate and self.hook_state is None and k % 2 == 0 and index == k // 2 - 1:
+                agvm.copy_first_half()
+        if estimate and self.hook_state is None and k % 2 == 0:
+            # each half's accumulated sum is half its mean gradient
+            out = agvm.finish_accumulated(iteration, grad_scale=2.0 / self._loss_scale(), skip_if_nonfinite=self.amp)
+        elif estimate and self.hook_state is not None:
+            out = agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp)
+        finite = self.amp or self._gradients_finite(iteration)
+        if out is not None:
+            if not finite:  # μ untouched: as if this estimate had not happened, counted as skipped
+                agvm.modulator.load_state_dict(modulator_before)
+                agvm.modulator.skip(iteration)
+                out = {"phi": {m: float("nan") for m in agvm.modulator.modules}, "mu": dict(agvm.modulator.mu)}
+            self._log_agvm(out)
+        self._write_metrics(totals, data_time)
+        if not finite:
+            self.optimizer.zero_grad()
+            return
+        self._clip(iteration)
+        if self.amp:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _gradients_finite(self, iteration) -> bool:
+        """Whether every gradient is finite; counts and logs skipped steps, and raises after
+        ``max_nonfinite`` in a row."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = not params or bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all())
+        if finite:
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            names = {p: n for n, p in _unwrap(self.model).named_parameters()}
+            bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p.grad).all())]
+            logger.warning(
+                f"iteration {iteration}: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                f"step skipped ({self.nonfinite_run} in a row, {self.nonfinite_total} in total)"
+            )
+            if self.nonfinite_run >= self.max_nonfinite:
+                raise FloatingPointError(
+                    f"{self.nonfinite_run} consecutive iterations (the last {iteration}) had non-finite gradients, e.g. in "
+                    f"{', '.join(bad[:5])}: stopping (SOLVER.MAX_CONSECUTIVE_NONFINITE={self.max_nonfinite}). No step was "
+                    "taken on them, so the last checkpoint holds finite parameters; lower SOLVER.BASE_LR or enable "
+                    "SOLVER.CLIP_GRADIENTS"
+                )
+        if comm.is_main_process():
+            get_event_storage().put_scalar("nonfinite/skipped_steps", self.nonfinite_total, smoothing_hint=False)
+        return finite
+
+    def _loss_scale(self) -> float:
+        return float(self.grad_scaler.get_scale()) if self.amp else 1.0
+
+    def _measure_halves(self, data, iteration):
+        """Φ from two extra half-batch passes (k micro-batches each), μ updated; the model's
+        buffers and number attributes, the RNG and the event storage as they were before."""
+        agvm = self.agvm
+        pairs = split_batch(data, self.accum_steps, halves=True)
+        per_half = len(pairs) // 2
+        storage = get_event_storage()
+        model = _unwrap(self.model)
+        # each half starts from the iteration's state (as each rank of a 2-rank DDP run would);
+        # the RNG runs on through both halves and is put back at the end
+        with preserved_state(model), EventStorage(storage.iter):
+            for half in (0, 1):
+                with preserved_state(model, rng=False):
+                    for _, items in pairs[half * per_half:(half + 1) * per_half]:
+                        loss_dict = self._forward(items)
+                        self._backward(sum(loss_dict.values()) / per_half)
+                        del loss_dict
+                if half == 0:
+                    agvm.stash_first_half()
+            out = agvm.finish_second_half(iteration, grad_scale=1.0 / self._loss_scale(), skip_if_nonfinite=self.amp)
+        return out
+
+    def _sam_step(self, data, data_time, iteration):
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.optimizer.zero_grad()
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None else contextlib.nullcontext():
+            loss_dict = self._forward(data)
+            sum(loss_dict.values()).backward()
+        self._write_metrics(loss_dict, data_time)
+        with torch.no_grad():
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+            scale = self.sam_rho / (float(norm) + 1e-12)
+            shifts = {}
+            for p in params:
+                if p.grad is not None:
+                    shifts[p] = p.grad * scale
+                    p.add_(shifts[p])
+        self.optimizer.zero_grad()
+        with _frozen_bn_stats(self.model):
+            sum(self._forward(data).values()).backward()
+        with torch.no_grad():
+            for p, e in shifts.items():
+                p.sub_(e)
+        self._clip(iteration)
+        self.optimizer.step()
+
+    def _log_agvm(self, out):
+        """Put Φ, μ and the modulated lr of every module (and the skip count) into the storage."""
+        if not comm.is_main_process():
+            return
+        agvm = self.agvm
+        storage = get_event_storage()
+        scalars = {}
+        first_lr = {}
+        for g in agvm.param_groups:
+            first_lr.setdefault(g[MODULE_KEY], g["lr"])
+        for m in agvm.modulator.modules:
+            scalars[f"agvm/phi/{m}"] = out["phi"].get(m, float("nan"))
+            scalars[f"agvm/mu/{m}"] = out["mu"][m]
+            scalars[f"agvm/lr/{m}"] = first_lr[m] * out["mu"][m]
+        scalars["agvm/skipped"] = agvm.modulator.skipped
+        storage.put_scalars(smoothing_hint=False, **scalars)
+
+    def _clip(self, iteration):
+        if self.clip is None:
+            return
+        clip_fn, (lo, hi) = self.clip
+        if (lo, hi) != (-1, -1) and not (lo <= iteration <= hi):
+            return
+        if self.amp:
+            self.grad_scaler.unscale_(self.optimizer)
+        clip_fn([p for g in self.optimizer.param_groups for p in g["params"]])
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["rng"] = _rng_state()
+        ret["nonfinite_total"] = self.nonfinite_total
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
+        self.nonfinite_total = int(state_dict.get("nonfinite_total", 0))
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(model):
+    """Batch-norm layers keep their running statistics (momentum 0) inside the block."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
