@@ -143,7 +143,7 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
     torch.save(
         {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None, "checks": checks,
          "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None),
-         "nonfinite_total": trainer._trainer.nonfinite_total,
+         "nonfinite_total": getattr(trainer._trainer, "nonfinite_total", None),
          "optimizer": trainer.optimizer.state_dict()},
         os.path.join(out_dir, f"det_{mode}_{rank}.pt"),
     )
