@@ -8,6 +8,7 @@ seconds, start/finish time, machine), which :mod:`agvm.results` reads back.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -17,7 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["grad_accum_steps", "machine", "parse_with_overrides", "run_logged", "run_all"]
+__all__ = ["config_fingerprint", "grad_accum_steps", "machine", "parse_with_overrides", "progress_line", "run_logged",
+           "run_all", "stale_reason"]
 
 
 def machine() -> str:
@@ -58,6 +60,77 @@ def grad_accum_steps(batch: int, processes: int, max_images_per_gpu: Optional[in
     )
 
 
+def config_fingerprint(config_file: str, opts: Sequence[str] = ()) -> str:
+    """sha256 of what a run's config is made of: the text of ``config_file`` and of every
+    ``_BASE_`` file it inherits from, and the ``KEY VALUE`` overrides. A finished run whose
+    recorded fingerprint differs was trained with another config (stale)."""
+    import yaml
+
+    h = hashlib.sha256()
+    todo, seen = [os.path.abspath(config_file)], set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not os.path.isfile(path):
+            continue
+        seen.add(path)
+        text = open(path, "rb").read()
+        h.update(os.path.basename(path).encode() + b"\0" + text + b"\0")
+        base = (yaml.safe_load(text) or {}).get("_BASE_") if text.strip() else None
+        for b in [base] if isinstance(base, str) else (base or []):
+            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), b)))
+    h.update(json.dumps([str(o) for o in opts]).encode())
+    return h.hexdigest()
+
+
+def stale_reason(out_dir: str, fingerprint: str) -> Optional[str]:
+    """Why a finished run in ``out_dir`` cannot be reused for a config of ``fingerprint``, or
+    None when it can (its recorded fingerprint matches)."""
+    path = os.path.join(out_dir, "agvm_run.json")
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("fingerprint")
+    except (OSError, ValueError):
+        return "no run record"
+    if recorded is None:
+        return "its record has no config fingerprint (run by an older version)"
+    if recorded != fingerprint:
+        return "its config or overrides changed since it finished"
+    return None
+
+
+def progress_line(out_dir: str, elapsed_s: float) -> Optional[str]:
+    """``iter N/MAX, loss L, ETA M min`` of a running cell, from its metrics.json and
+    config.yaml (None before the first logged iteration)."""
+    last = None
+    try:
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if "total_loss" in row:
+                    last = row
+    except OSError:
+        return None
+    if last is None:
+        return None
+    it = last["iteration"] + 1
+    max_iter = None
+    try:
+        import yaml
+
+        with open(os.path.join(out_dir, "config.yaml")) as f:
+            max_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    loss = last["total_loss"]
+    text = f"iter {it}" + (f"/{max_iter}" if max_iter else "") + (f", loss {loss:.3f}" if isinstance(loss, (int, float)) else "")
+    if max_iter and it > 0:
+        text += f", ETA {elapsed_s / it * (max_iter - it) / 60:.1f} min"
+    return text
+
+
 def parse_with_overrides(parser, argv=None):
     """Parse ``argv`` (default ``sys.argv[1:]``) with ``parser``; what follows ``--`` becomes
     ``args.opts``, config ``KEY VALUE`` pairs for every run (an odd count is a parser error)."""
@@ -80,11 +153,13 @@ def _write(path: str, record: dict) -> None:
 
 
 def run_logged(cmd: Sequence[str], out_dir: str, record: Dict, cwd: str, threads: Optional[int] = None,
-               line: Optional[str] = None) -> dict:
+               line: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
+               every_s: float = 60.0) -> dict:
     """Run ``cmd`` (in ``cwd``) to completion with its output in ``<out_dir>/stdout.log``;
     ``record`` (plus command, machine, times, exit code, ``wall_s`` in seconds) is written to
     ``<out_dir>/agvm_run.json`` before (without an exit code) and after. ``threads`` sets
-    OMP/MKL threads of the child. Returns the final record."""
+    OMP/MKL threads of the child. With ``progress``, the log path is reported at the start and
+    a :func:`progress_line` every ``every_s`` seconds (default 60). Returns the final record."""
     import shlex
 
     os.makedirs(out_dir, exist_ok=True)
@@ -96,8 +171,19 @@ def run_logged(cmd: Sequence[str], out_dir: str, record: Dict, cwd: str, threads
     path = os.path.join(out_dir, "agvm_run.json")
     _write(path, record)
     t0 = time.time()
-    with open(os.path.join(out_dir, "stdout.log"), "w") as log:
-        rc = subprocess.call(list(cmd), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    name = record.get("cell", os.path.basename(out_dir))
+    log_path = os.path.join(out_dir, "stdout.log")
+    if progress is not None:
+        progress(f"start {name}: log {log_path}")
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(list(cmd), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while True:
+            try:
+                rc = child.wait(timeout=every_s if progress is not None else None)
+                break
+            except subprocess.TimeoutExpired:
+                text = progress_line(out_dir, time.time() - t0)
+                progress(f"  {name}: {text or 'starting'} ({(time.time() - t0) / 60:.1f} min)")
     record.update(returncode=rc, wall_s=round(time.time() - t0, 1),
                   finished=datetime.datetime.now().isoformat(timespec="seconds"))
     _write(path, record)

@@ -36,7 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agvm.results import cell_output_dir, cell_result, comparison_rows, read_run, rows_to_markdown  # noqa: E402
-from agvm.runner import grad_accum_steps, parse_with_overrides, run_all, run_logged  # noqa: E402
+from agvm.runner import (  # noqa: E402
+    config_fingerprint, grad_accum_steps, parse_with_overrides, run_all, run_logged, stale_reason,
+)
 from agvm.tables import TABLES, Cell, Table, get_table  # noqa: E402
 
 SLURM_MASTER = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
@@ -121,8 +123,15 @@ def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
         if host.returncode != 0 or not host.stdout.strip():
             raise SystemExit("--launcher slurm must run inside a SLURM allocation (scontrol found no nodes)")
         cmd = [c.replace(SLURM_MASTER, host.stdout.split()[0]) for c in cmd]
-    record = {"table": table.name, "scale": args.scale, "cell": cell.name}
-    return run_logged(cmd, out, record, cwd=ROOT, threads=threads, line=line)
+    record = {"table": table.name, "scale": args.scale, "cell": cell.name, "fingerprint": cell_fingerprint(args, table, cell)}
+    return run_logged(cmd, out, record, cwd=ROOT, threads=threads, line=line, progress=lambda t: print(t, flush=True))
+
+
+def cell_fingerprint(args, table: Table, cell: Cell) -> str:
+    """The fingerprint of what ``cell`` trains with: its config chain and its command's options."""
+    cmd = cell_command(args, table, cell)
+    i = cmd.index("--config-file")
+    return config_fingerprint(os.path.join(ROOT, cmd[i + 1]), cmd[i + 2:])
 
 
 def write_report(args, table: Table, argv_line: str) -> str:
@@ -182,10 +191,14 @@ def main(argv=None) -> int:
     if not args.report_only:
         pending = []
         for table, cell in todo:
-            done = cell_result(cell_output_dir(args.output_abs, table.name, args.scale, cell.name), table.result_key)
-            if done["status"] == "ok" and not args.rerun:
+            out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
+            done = cell_result(out, table.result_key)
+            stale = stale_reason(out, cell_fingerprint(args, table, cell)) if done["status"] == "ok" else None
+            if done["status"] == "ok" and not args.rerun and stale is None:
                 print(f"skip {table.name}/{cell.name}: finished ({table.metric} {done['measured']:.2f})", flush=True)
             else:
+                if done["status"] == "ok" and stale and not args.rerun:
+                    print(f"stale {table.name}/{cell.name}: finished, but {stale}; running it again", flush=True)
                 pending.append((table, cell))
         jobs = args.jobs if args.launcher == "local" else 1
 

@@ -38,7 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agvm.results import cell_result  # noqa: E402
-from agvm.runner import grad_accum_steps, parse_with_overrides, run_all, run_logged  # noqa: E402
+from agvm.runner import (  # noqa: E402
+    config_fingerprint, grad_accum_steps, parse_with_overrides, run_all, run_logged, stale_reason,
+)
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -233,6 +235,13 @@ def write_sbatch(args, cells: List[dict], base, train_net: str) -> str:
     return path
 
 
+def fingerprint(args, cell: dict, base, train_net: str) -> str:
+    """The fingerprint of what a grid point trains with (config chain + its command's options)."""
+    cmd = command(args, cell, base, train_net)
+    i = cmd.index("--config-file")
+    return config_fingerprint(cmd[i + 1], cmd[i + 2:])
+
+
 def check_cell(args, cell: dict, base) -> None:
     """Build the config one grid point would train with and run every check of a run on it
     (unknown key, bad value, a key without effect in that config, batch vs GPUs), so that an
@@ -290,15 +299,22 @@ def main(argv=None) -> int:
         key = tuple(args.metric.split("/", 1))
         pending = []
         for c in cells:
-            if cell_result(os.path.join(args.output_root, c["name"]), key)["status"] == "ok":
+            out = os.path.join(args.output_root, c["name"])
+            ok = cell_result(out, key)["status"] == "ok"
+            stale = stale_reason(out, fingerprint(args, c, base, train_net)) if ok else None
+            if ok and stale is None:
                 print(f"skip {c['name']}: finished", flush=True)
             else:
+                if ok:
+                    print(f"stale {c['name']}: finished, but {stale}; running it again", flush=True)
                 pending.append(c)
 
         def one(c, threads):
             out = os.path.join(args.output_root, c["name"])
-            rec = run_logged(command(args, c, base, train_net), out, {"cell": c["name"], "point": c["point"], "seed": c["seed"]},
-                             cwd=ROOT, threads=threads)
+            rec = run_logged(command(args, c, base, train_net), out,
+                             {"cell": c["name"], "point": c["point"], "seed": c["seed"],
+                              "fingerprint": fingerprint(args, c, base, train_net)},
+                             cwd=ROOT, threads=threads, progress=lambda t: print(t, flush=True))
             res = cell_result(out, key)
             if res["status"] != "ok":
                 failed.append(f"{c['name']} ({res['status']}, exit {rec['returncode']}, see {out}/stdout.log)")

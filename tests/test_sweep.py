@@ -98,6 +98,12 @@ def test_sweep_runs_resumes_and_reports_failures_then_plots(tiny_shapes, capsys)
     # resume: the finished cell is skipped
     assert sweep.main(ok) == 0
     assert "skip momentum-0.9_seed-0: finished" in capsys.readouterr().out
+    # ... unless what it trains with changed: then it is reported stale and run again, with its
+    # log path shown at the start
+    assert sweep.main(ok + ["SOLVER.BASE_LR", "0.01"]) == 0
+    text = capsys.readouterr().out
+    assert "stale momentum-0.9_seed-0: finished, but its config or overrides changed" in text
+    assert f"start momentum-0.9_seed-0: log {out / 'momentum-0.9_seed-0' / 'stdout.log'}" in text
 
     plot = _load("plot_variance")
     prefix = tiny_shapes / "plots" / "phi"
@@ -156,3 +162,20 @@ def test_sweep_checks_every_point_before_launching(tmp_path, capsys, config, gri
         assert sweep.main(["--config-file", config, "--output-root", str(out), "--grid", grid, *mode]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_config_fingerprint_follows_the_base_chain(tmp_path):
+    from agvm.runner import config_fingerprint, stale_reason
+
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.02\n")
+    (tmp_path / "cell.yaml").write_text('_BASE_: "base.yaml"\nSOLVER:\n  IMS_PER_BATCH: 8\n')
+    first = config_fingerprint(tmp_path / "cell.yaml", ["SEED", "0"])
+    assert config_fingerprint(tmp_path / "cell.yaml", ["SEED", "0"]) == first
+    assert config_fingerprint(tmp_path / "cell.yaml", ["SEED", "1"]) != first
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.04\n")  # an edit two files away
+    assert config_fingerprint(tmp_path / "cell.yaml", ["SEED", "0"]) != first
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "agvm_run.json").write_text(json.dumps({"fingerprint": first}))
+    assert stale_reason(str(run), first) is None
+    assert "changed" in stale_reason(str(run), "other")
