@@ -270,7 +270,7 @@ def cell_text(table: Table, cell: Cell, scale: str) -> str:
 
 
 NOTEBOOK_CELLS = [
-    ("markdown", """# {title}: results check
+    ("markdown", """# {title}: results check (full scale; `AGVM_SCALE=mini`: the embedded shapes dataset on CPU)
 
 Reads the output folders of this project's table cells (`<root>/{name}/<scale>/<cell>`, as
 written by `launch.sh` / `scripts/reproduce_table.py`), builds the table of measured vs paper
@@ -406,7 +406,8 @@ def readme_text(table: Table) -> str:
               f"Each cell writes to `output/{table.name}/full/<cell>/` (`metrics.json` with Φ, μ and the "
               "per-module lr at every AGVM estimate, `eval_results.json`, checkpoints, `stdout.log`, "
               f"`agvm_run.json`), and `launch.sh` then writes `results/full.md`. Open `check_results.ipynb` "
-              "(or run it with `AGVM_SCALE=full jupyter nbconvert --execute`) for the table against the "
+              f"(or run it: `AGVM_SCALE=full .venv/bin/jupyter execute --inplace projects/{table.name}/check_results.ipynb`, "
+              "installed by `make install`) for the table against the "
               "paper, the missing or failed runs, and Φ per module against iterations (Figure 1 style; the "
               "baseline cells log Φ in `MEASURE_ONLY` mode).", "",
               "Set `DETECTRON2_DATASETS` to the folder holding the dataset (detectron2's layout); when it "
