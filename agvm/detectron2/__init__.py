@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 from .build import agvm_kwargs, agvm_param_groups, agvm_start_iter, build_agvm_optimizer, check_agvm_config
 from .config import OPTIMIZERS, add_agvm_config, add_solver_config
-from .cli import build_evaluator, default_argument_parser, print_results, setup_cfg, train_or_evaluate
+from .cli import build_evaluator, default_argument_parser, launch_cli, print_results, setup_cfg, train_or_evaluate
 from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
 from .launch import launch
 from .defaults import AGVMTrainer, Trainer, install_agvm_hook
@@ -38,6 +38,7 @@ __all__ = [
     "group_parameters",
     "install_agvm_hook",
     "launch",
+    "launch_cli",
     "module_of_parameters",
     "print_results",
     "setup_cfg",

@@ -35,7 +35,7 @@ from .config import add_agvm_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "default_argument_parser", "print_results", "setup_cfg", "train_or_evaluate"]
+__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "print_results", "setup_cfg", "train_or_evaluate"]
 
 
 def default_argument_parser(epilog: Optional[str] = None):
@@ -187,3 +187,14 @@ def train_or_evaluate(cfg: CfgNode, args, trainer_cls) -> Mapping:
             with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
                 json.dump(results, f, indent=1)
     return results
+
+
+def launch_cli(main: Callable, argv=None):
+    """The ``if __name__ == "__main__":`` body of every ``train_net.py``: parse the command line
+    (:func:`default_argument_parser`) and run ``main(args)`` in every process of the job
+    (:func:`agvm.detectron2.launch`: GPUs, CPU processes, several machines, torchrun, srun)."""
+    from .launch import launch
+
+    args = default_argument_parser().parse_args(argv)
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))

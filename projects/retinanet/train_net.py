@@ -12,15 +12,14 @@ processes join directly. See projects/retinanet/README.md.
 
 import agvm  # noqa: F401  (first: detectron2 0.6 compatibility patches)
 
-from agvm.detectron2 import AGVMTrainer, default_argument_parser, launch, setup_cfg, train_or_evaluate
+from agvm.detectron2 import AGVMTrainer, default_argument_parser, launch_cli, setup_cfg, train_or_evaluate  # noqa: F401
 
 
 class Trainer(AGVMTrainer):
-    """AGVM when SOLVER.AGVM.ENABLED (else the plain optimizer of SOLVER.OPTIMIZER)."""
+    """RetinaNet with AGVM when SOLVER.AGVM.ENABLED (else the plain optimizer of SOLVER.OPTIMIZER)."""
 
 
-def setup(args):
-    return setup_cfg(args)
+setup = setup_cfg  # the run's config: defaults, agvm keys, --config-file, KEY VALUE overrides; checked
 
 
 def main(args):
@@ -28,6 +27,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_cli(main)
