@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -114,10 +115,14 @@ class SafeCheckpointer(DetectionCheckpointer):
             try:
                 loaded = self.load(candidate)
             except Exception as e:  # truncated / corrupt file: try the next newest
+                if hasattr(self, "_parsed_url_during_load"):  # detectron2 main: reset after a failed load
+                    self._parsed_url_during_load = None
                 errors.append(f"{candidate}: {type(e).__name__}: {e}")
                 self.logger.warning(f"cannot resume from {candidate} ({type(e).__name__}: {e}); trying an older checkpoint")
                 continue
             if errors:
-                self.logger.warning(f"resumed from {candidate}; skipped unreadable: {'; '.join(errors)}")
+                message = f"resumed from {candidate}; skipped unreadable checkpoint(s): {'; '.join(errors)}"
+                self.logger.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
             return loaded
         raise RuntimeError("no readable checkpoint to resume from in " + self.save_dir + ": " + "; ".join(errors))
