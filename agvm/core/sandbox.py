@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["UnaccountedStateError", "preserved_state"]
+__all__ = ["UnaccountedStateError", "preserved_rng", "preserved_state"]
 
 #: Attributes every ``nn.Module`` has for its own bookkeeping (parameters, buffers, hooks, ...).
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
@@ -51,10 +51,21 @@ def _set_rng_states(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Put the RNG states of torch (CPU and every initialised CUDA device), numpy and
+    ``random`` back on exit of the block."""
+    state = _rng_states()
+    try:
+        yield
+    finally:
+        _set_rng_states(state)
+
+
 def _attributes(model: nn.Module) -> Dict[Tuple[str, str], tuple]:
     """``{(module path, attribute): ("scalar", value) | ("tensor", id, version) | ("object", id)}``."""
     out = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module in model.named_modules():
         for name, value in vars(module).items():
             if name in _MODULE_INTERNALS:
                 continue
@@ -85,15 +96,13 @@ def preserved_state(model: nn.Module, rng: bool = True) -> Iterator[None]:
     :class:`UnaccountedStateError` on exit when state that cannot be restored generically
     changed (see the module docstring); the restorable state is restored first.
     """
-    rng_state = _rng_states() if rng else None
     buffers = _buffers(model)
     before = _attributes(model)
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = dict(model.named_modules())
     try:
-        yield
+        with preserved_rng() if rng else contextlib.nullcontext():
+            yield
     finally:
-        if rng_state is not None:
-            _set_rng_states(rng_state)
         with torch.no_grad():
             for module, name, saved in buffers:
                 current = module._buffers.get(name)

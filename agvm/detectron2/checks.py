@@ -31,11 +31,10 @@ def ineffective_keys(cfg: CfgNode) -> List[str]:
     stays 1, so they count as without effect too."""
     defaults = _defaults()
     s, d = cfg.SOLVER, defaults.SOLVER
-    optimizer = s.SAM.BASE_OPTIMIZER if s.OPTIMIZER == "SAM" else s.OPTIMIZER
     inactive = []
     if not s.AGVM.ENABLED:
         inactive.append("AGVM")
-    if optimizer != "LARS":
+    if s.OPTIMIZER != "LARS":  # (SAM's base optimizer is SGD or AdamW)
         inactive.append("LARS")
     if s.OPTIMIZER not in ("LAMB", "PMD_LAMB"):
         inactive.append("LAMB")

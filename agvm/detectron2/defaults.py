@@ -88,11 +88,11 @@ class AGVMTrainer(Trainer):
 
     def _flush_metrics(self):
         """Write every metric up to now (JSON and tensorboard), before a checkpoint is declared."""
-        for w in [w for h in getattr(self, "_periodic_writers", []) for w in h._writers]:
+        for w in (w for h in self._periodic_writers for w in h._writers):
             if isinstance(w, (JSONWriter, TensorboardXWriter)):
                 w.write()
-                if isinstance(w, TensorboardXWriter):
-                    w._writer.flush()
+            if isinstance(w, TensorboardXWriter):
+                w._writer.flush()
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("AGVM_DIST_TIMEOUT_S", 1800)))
 
 
-def run_device(args, fall_back: bool = True) -> str:
+def run_device(args) -> str:
     """``"cuda"`` or ``"cpu"``: the device the run's config asks for (config file, then the
-    ``KEY VALUE`` overrides); with ``fall_back`` (default) ``cpu`` when no GPU is present."""
+    ``KEY VALUE`` overrides), whether or not a GPU is present (:func:`launch` decides)."""
     from detectron2.config import get_cfg
 
     from .config import add_agvm_config
@@ -42,9 +42,7 @@ def run_device(args, fall_back: bool = True) -> str:
     if getattr(args, "config_file", ""):
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(list(getattr(args, "opts", None) or []))
-    if cfg.MODEL.DEVICE.startswith("cuda") and (torch.cuda.is_available() or not fall_back):
-        return "cuda"
-    return "cpu"
+    return "cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
 
 
 def _free_port() -> int:
@@ -119,7 +117,7 @@ def launch(
     """
     requested = device
     if device is None:
-        requested = run_device(args[0], fall_back=False) if args else ("cuda" if torch.cuda.is_available() else "cpu")
+        requested = run_device(args[0]) if args else ("cuda" if torch.cuda.is_available() else "cpu")
     world = num_machines * num_gpus_per_machine
     cluster = _cluster_env()
     if requested == "cuda" and not torch.cuda.is_available() and (world > 1 or (cluster and cluster[1] > 1)):

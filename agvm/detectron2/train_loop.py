@@ -34,7 +34,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.optim import AGVM, MODULE_KEY
-from ..core.sandbox import preserved_state
+from ..core.sandbox import preserved_rng, preserved_state
 from .resume import _rng_state, _set_rng_state
 
 __all__ = ["AGVMStepTrainer", "split_batch"]
@@ -153,15 +153,18 @@ class AGVMStepTrainer(SimpleTrainer):
             self._sam_step(data, data_time, iteration)
             return
         agvm = self.agvm
-        estimate = agvm is not None and agvm.should_estimate(iteration)
         k = self.accum_steps
+        # where this iteration's two half-batch gradients come from, if it estimates Φ
+        halves = None
+        if agvm is not None and agvm.should_estimate(iteration):
+            halves = "ranks" if self.hook_state is not None else ("micro_batches" if k % 2 == 0 else "extra_passes")
         chunks = [items for _, items in split_batch(data, k, halves=False)]
         self.optimizer.zero_grad()
         out = None
-        modulator_before = agvm.modulator.state_dict() if estimate else None
-        if estimate and self.hook_state is None and k % 2 == 1:
-            out = self._measure_halves(data, iteration)  # extra passes; the model left as it was
-        if estimate and self.hook_state is not None:
+        modulator_before = agvm.modulator.state_dict() if halves else None
+        if halves == "extra_passes":
+            out = self._measure_halves(data, iteration)  # the model left as it was
+        elif halves == "ranks":
             self.hook_state.estimate = True
             self.hook_state.grad_scale = 1.0 / self._loss_scale()
         # the plain iteration: k micro-batches, each loss divided by k
@@ -174,12 +177,12 @@ class AGVMStepTrainer(SimpleTrainer):
                 self._backward(sum(loss_dict.values()) / k)
             for name, v in loss_dict.items():
                 totals[name] = totals.get(name, 0.0) + v.detach() / k
-            if estimate and self.hook_state is None and k % 2 == 0 and index == k // 2 - 1:
+            if halves == "micro_batches" and index == k // 2 - 1:
                 agvm.copy_first_half()
-        if estimate and self.hook_state is None and k % 2 == 0:
+        if halves == "micro_batches":
             # each half's accumulated sum is half its mean gradient
             out = agvm.finish_accumulated(iteration, grad_scale=2.0 / self._loss_scale(), skip_if_nonfinite=self.amp)
-        elif estimate and self.hook_state is not None:
+        elif halves == "ranks":
             out = agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp)
         finite = self.amp or self._gradients_finite(iteration)
         if out is not None:
@@ -239,7 +242,7 @@ class AGVMStepTrainer(SimpleTrainer):
         model = _unwrap(self.model)
         # each half starts from the iteration's state (as each rank of a 2-rank DDP run would);
         # the RNG runs on through both halves and is put back at the end
-        with preserved_state(model), EventStorage(storage.iter):
+        with preserved_rng(), EventStorage(storage.iter):
             for half in (0, 1):
                 with preserved_state(model, rng=False):
                     for _, items in pairs[half * per_half:(half + 1) * per_half]:

@@ -119,7 +119,8 @@ class AGVMHookState:
             behaviour); AGVM iterations always reduce in full precision.
         precondition: None (default: Φ on plain gradients) or ``f(param, grad, index)`` that
             Adam-preconditions a flat half-mean gradient of ``param``'s elements ``index``
-            (:meth:`agvm.AGVM.preconditioner`); it reads :attr:`grad_scale` through the trainer.
+            (:meth:`agvm.AGVM.preconditioner`); the hook first multiplies each half mean by
+            :attr:`grad_scale` (set by the trainer: 1 / AMP loss scale).
 
     Set :attr:`estimate` to True before the backward of an AGVM iteration (all ranks alike),
     then call :meth:`finish` after it for the per-module ``(⟨G1, G2⟩, ‖G1‖², ‖G2‖²)``, with G1 the
@@ -206,18 +207,15 @@ class AGVMHookState:
     def _ranges(self, bucket: dist.GradBucket):
         """``[(module, start, stop)]``: the bucket cut into runs of consecutive parameters of
         one module (usually a single run), cached per bucket layout."""
-        params = bucket.parameters()
-        key = (bucket.index(), tuple(id(p) for p in params))
+        key = ("runs", bucket.index(), tuple(id(p) for p in bucket.parameters()))
         ranges = self._range_cache.get(key)
         if ranges is None:
-            ranges, offset = [], 0
-            for p in params:
-                m, n = self.module_of[id(p)], p.numel()
+            ranges = []
+            for m, _, start, stop in self._param_ranges(bucket):
                 if ranges and ranges[-1][0] == m:
-                    ranges[-1][2] += n
+                    ranges[-1][2] = stop
                 else:
-                    ranges.append([m, offset, offset + n])
-                offset += n
+                    ranges.append([m, start, stop])
             self._range_cache[key] = ranges
         return ranges
 
