@@ -224,3 +224,14 @@ def test_metrics_survive_a_kill(tiny_shapes, tmp_path, kill_at):
         mu = 0.97 * mu + 0.03 * math.sqrt(ratio)
         assert r["agvm/mu/box_head"] == pytest.approx(mu, rel=1e-9), it
         assert all(f"agvm/phi/{m}" in r for m in modules)
+
+
+def test_large_finite_gradients_are_not_taken_for_nonfinite(tiny_shapes):
+    """Gradients of 1e30 are finite (an L2 norm of them overflows float32): the step is taken."""
+    trainer = AGVMTrainer(_cfg(tiny_shapes / "large", "SOLVER.AGVM.ENABLED", "False", "SOLVER.MAX_ITER", "2",
+                               "SOLVER.BASE_LR", "1e-40"))
+    weight = dict(trainer.model.named_parameters())["roi_heads.box_predictor.cls_score.weight"]
+    weight.register_hook(lambda g: torch.full_like(g, 1e30))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer._trainer.nonfinite_total == 0

@@ -206,7 +206,10 @@ class AGVMStepTrainer(SimpleTrainer):
         """Whether every gradient is finite; counts and logs skipped steps, and raises after
         ``max_nonfinite`` in a row."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        finite = not params or bool(torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all())
+        # the max-abs norm: NaN/inf propagate, and large finite gradients cannot overflow (an L2
+        # norm squares them and overflows float32 from ~1e19 on: a false alarm)
+        norms = torch._foreach_norm([p.grad for p in params], float("inf")) if params else []
+        finite = not params or bool(torch.isfinite(torch.stack(norms)).all())
         if finite:
             self.nonfinite_run = 0
         else:
