@@ -2,6 +2,7 @@
 #   make install    create .venv, install pinned requirements, detectron2, and agvm (idempotent)
 #   make test       install if needed, then the fast test suite (~minutes on 2 CPU cores)
 #   make test-slow  the long tests (marked `slow`)
+#   make test-install  `pip install .` into a fresh venv + install_detectron2.sh (marked `install`)
 #   make demo       install if needed, then train + evaluate the mini Faster R-CNN on CPU
 #   make clean      remove .venv and output/
 
@@ -11,7 +12,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.agvm-installed
 PYTEST_ARGS ?=
 
-.PHONY: reproduce-mini install test test-slow demo clean
+.PHONY: reproduce-mini install test test-slow test-install demo clean
 
 install: $(STAMP)
 
@@ -28,6 +29,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-install: install
+	$(PY) -m pytest -m install $(PYTEST_ARGS)
 
 demo: install
 	$(PY) scripts/demo.py

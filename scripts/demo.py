@@ -1,122 +1,145 @@
 #!/usr/bin/env python
-"""`make demo`: the mini Faster R-CNN on the embedded shapes dataset (CPU), baseline and AGVM.
+"""`make demo`: what AGVM does, in a few minutes on a CPU.
 
-Two runs of ``projects/faster_rcnn/train_net.py``: the plain SGD baseline and the same config
-with AGVM. They run side by side, each in a subprocess with ``cpu_count // runs`` threads (on
-2 cores two 1-thread runs finish in about 2/3 of the time of two 2-thread runs in a row);
-their progress lines (detectron2's ETA) stream through with a ``[run]`` prefix and each full
-console log goes to ``output/demo/<run>/console.log``. The summary at the end reads each run's
-``metrics.json``: box AP, AP50, wall time, and the final μ per module of the AGVM run. Outputs
-(metrics.json, tensorboard events, model_final.pth, evaluation files) stay under
-``output/demo/<run>/``.
+The mini Faster R-CNN (R-18-FPN, 128 px shapes) fine-tuned from the pretrained mini backbone
+(``agvm-pretrained://shapes_r18``: FPN and heads start fresh, as in the paper's ImageNet regime)
+at a large batch for this scale (32 images, 4× the mini baseline's 8), twice, side by side:
 
-    python scripts/demo.py [--output output/demo] [--max-iter N] [--runs baseline,agvm] [--sequential] [KEY VALUE ...]
+* ``baseline``: MegDet's recipe (the linear LR rule), AGVM in MEASURE_ONLY mode: Φ per module
+  is logged and μ stays 1 — the misalignment AGVM corrects;
+* ``agvm``: the same model and data with AGVM (square-root LR rule, μ = sqrt(Φ_backbone / Φ_module)).
+
+Both go through ``agvm.runner`` (the runner of every experiment script): one thread each (fixed,
+so the same command gives the same numbers), their log paths printed at start and a progress
+line every 30 s. At the end it prints a per-module table — Φ of the baseline (mean over its
+estimates), μ of the AGVM run (final) — both box APs and wall times, and writes
+``<output>/summary.md`` and a Figure-1 style PNG (``<output>/phi_mu.png``: Φ per module of the
+baseline, μ per module of the AGVM run). The first call also generates the shapes dataset and
+pretrains the backbone (cached; their time is printed separately).
+
+    python scripts/demo.py [--output output/demo] [--max-iter N] [--sequential] [-- KEY VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(ROOT, "projects", "faster_rcnn", "train_net.py")
-CONFIGS = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini")
+sys.path.insert(0, ROOT)
 
-# run name -> config file
-RUNS = {
-    "baseline": os.path.join(CONFIGS, "faster_rcnn_R18_FPN_shapes.yaml"),
-    "agvm": os.path.join(CONFIGS, "faster_rcnn_R18_FPN_shapes_agvm.yaml"),
-}
+from agvm.results import cell_result, curves, read_metrics  # noqa: E402
+from agvm.runner import machine, parse_with_overrides, run_all, run_logged  # noqa: E402
 
-
-def last_metrics(output_dir: str) -> dict:
-    """The union of the records of ``output_dir/metrics.json``, later records winning."""
-    merged = {}
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.exists(path):
-        return merged
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                merged.update(json.loads(line))
-    return merged
+TRAIN_NET = "projects/faster_rcnn/train_net.py"
+CONFIGS = "projects/faster_rcnn/configs/mini/pretrained"
+#: run name -> config file (relative to the repository root)
+RUNS = {"baseline": f"{CONFIGS}/b32_megdet.yaml", "agvm": f"{CONFIGS}/b32_agvm.yaml"}
 
 
-PROGRESS_MARKERS = ("d2.utils.events", "copypaste", "bbox AP", "Error", "Traceback", "AGVM modules")
+def prepare() -> float:
+    """Generate the dataset and pretrain the backbone if they are not cached; seconds spent."""
+    t0 = time.time()
+    import agvm  # noqa: F401
+    from agvm.data import ensure_shapes
+    from agvm.detectron2.pretrained import ensure_pretrained
+
+    ensure_shapes()
+    ensure_pretrained()
+    return time.time() - t0
 
 
-def _stream(name: str, proc: subprocess.Popen, log_path: str, ended: dict) -> None:
-    """Copy ``proc``'s output into ``log_path``, echo its progress lines with a prefix, and
-    record in ``ended[name]`` when the output closed (the run ended)."""
-    with open(log_path, "w") as log:
-        for line in proc.stdout:
-            log.write(line)
-            if any(marker in line for marker in PROGRESS_MARKERS):
-                print(f"[{name}] {line.rstrip()}", flush=True)
-    ended[name] = time.time()
+def summarize(outputs: dict) -> str:
+    """The demo's summary (markdown) from the runs' output folders ``{name: folder}``: the
+    per-module Φ (baseline, mean over its estimates) and μ (AGVM, final) table, box AP and time."""
+    from agvm.results import read_run
+
+    base = read_metrics(outputs["baseline"])
+    agvm_records = read_metrics(outputs["agvm"])
+    phi = curves(base, "phi")
+    mu = curves(agvm_records, "mu")
+    phi_agvm = curves(agvm_records, "phi")
+    modules = list(phi) or list(mu)
+    lines = ["| module | Φ baseline (mean) | Φ AGVM run (mean) | μ AGVM (final) |", "|---|---|---|---|"]
+    for m in modules:
+        p = phi.get(m, ([], []))[1]
+        q = phi_agvm.get(m, ([], []))[1]
+        u = mu.get(m, ([], []))[1]
+        lines.append(f"| {m} | {sum(p) / len(p):.3f} | " if p else f"| {m} | — | ")
+        lines[-1] += (f"{sum(q) / len(q):.3f} | " if q else "— | ") + (f"{u[-1]:.3f} |" if u else "— |")
+    lines += ["", "| run | box AP | AP50 | status | wall time |", "|---|---|---|---|---|"]
+    for name, out in outputs.items():
+        res = cell_result(out, ("bbox", "AP"))
+        ap50 = cell_result(out, ("bbox", "AP50"))["measured"]
+        rec = read_run(out) or {}
+        fmt = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"| {name} | {fmt(res['measured'])} | {fmt(ap50)} | {res['status']} | "
+                     f"{(rec.get('wall_s') or 0) / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(outputs: dict, path: str) -> str:
+    """Φ per module of the baseline beside μ per module of the AGVM run (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (name, kind, label) in zip(axes, (("baseline", "phi", "Φ = 1 − cos(G₁, G₂), baseline (μ = 1)"),
+                                                ("agvm", "mu", "μ per module, AGVM run"))):
+        for module, (its, vals) in curves(read_metrics(outputs[name]), kind).items():
+            ax.plot(its, vals, marker=".", label=module)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("mini Faster R-CNN, pretrained backbone, batch 32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=os.path.join(ROOT, "output", "demo"), help="output root (default output/demo)")
-    parser.add_argument("--max-iter", type=int, default=None, help="override SOLVER.MAX_ITER (default: the config's)")
-    parser.add_argument("--runs", default="baseline,agvm", help="comma-separated runs out of: " + ", ".join(RUNS))
-    parser.add_argument("--sequential", action="store_true", help="one run after the other, all threads each")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides for every run")
-    args = parser.parse_args(argv)
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default=os.path.join(ROOT, "output", "demo"), help="output root (default output/demo)")
+    p.add_argument("--max-iter", type=int, default=None, help="override SOLVER.MAX_ITER (default: the configs')")
+    p.add_argument("--sequential", action="store_true", help="one run after the other (default: side by side)")
+    args = parse_with_overrides(p, argv)
+    t_prepare = prepare()
+    print(f"dataset and pretrained backbone ready ({t_prepare:.0f} s; cached after the first call)", flush=True)
+    outputs = {name: os.path.join(os.path.abspath(args.output), name) for name in RUNS}
 
-    groups = [[n] for n in names] if args.sequential else [names]
-    summary = []
-    for group in groups:
-        threads = max(1, (os.cpu_count() or 1) // len(group))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        procs, ended = {}, {}
-        for name in group:
-            out = os.path.join(args.output, name)
-            shutil.rmtree(out, ignore_errors=True)  # metrics.json appends: start each demo afresh
-            os.makedirs(out)
-            cmd = [sys.executable, TRAIN_NET, "--config-file", RUNS[name], "OUTPUT_DIR", out]
-            if args.max_iter is not None:
-                cmd += ["SOLVER.MAX_ITER", str(args.max_iter)]
-            cmd += args.opts
-            print(f"=== demo run '{name}' ({threads} thread(s)): {' '.join(cmd)}", flush=True)
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            log = os.path.join(out, "console.log")
-            reader = threading.Thread(target=_stream, args=(name, proc, log, ended), daemon=True)
-            reader.start()
-            procs[name] = (proc, reader, out, log, time.time())
-        for name, (proc, reader, out, log, start) in procs.items():
-            rc = proc.wait()
-            reader.join()
-            elapsed = ended[name] - start
-            if rc != 0:
-                with open(log) as f:
-                    tail = f.readlines()[-30:]
-                print("".join(tail), file=sys.stderr)
-                print(f"demo run '{name}' failed with exit code {rc}; full log: {log}", file=sys.stderr)
-                return rc
-            summary.append((name, last_metrics(out), elapsed, out))
+    def one(name, threads):
+        out = outputs[name]
+        if os.path.isdir(out):
+            import shutil
 
-    print("\n=== demo summary (mini Faster R-CNN R-18-FPN, shapes_val)")
-    print(f"{'run':<10} {'box AP':>7} {'AP50':>7} {'time':>8}  output")
-    for name, metrics, elapsed, out in summary:
-        ap, ap50 = metrics.get("bbox/AP", float("nan")), metrics.get("bbox/AP50", float("nan"))
-        print(f"{name:<10} {ap:7.2f} {ap50:7.2f} {elapsed:7.0f}s  {os.path.relpath(out, ROOT)}")
-    for name, metrics, _, _ in summary:
-        mu = {k[len("agvm/mu/"):]: v for k, v in metrics.items() if k.startswith("agvm/mu/")}
-        if mu:
-            print(f"final μ of '{name}': " + ", ".join(f"{m} {v:.3f}" for m, v in mu.items()))
+            shutil.rmtree(out)  # metrics.json appends: every demo starts afresh
+        cmd = [sys.executable, TRAIN_NET, "--config-file", RUNS[name], "OUTPUT_DIR", out]
+        if args.max_iter is not None:
+            cmd += ["SOLVER.MAX_ITER", str(args.max_iter)]
+        cmd += args.opts
+        rec = run_logged(cmd, out, {"cell": name}, cwd=ROOT, threads=1, progress=lambda t: print(t, flush=True),
+                         every_s=30.0)
+        return f"{name}: exit {rec['returncode']} in {rec['wall_s'] / 60:.1f} min"
+
+    run_all(list(RUNS), one, jobs=1 if args.sequential else len(RUNS), print_fn=lambda s: print(s, flush=True))
+    failed = [n for n, out in outputs.items() if cell_result(out, ("bbox", "AP"))["status"] != "ok"]
+    text = summarize(outputs)
+    png = plot(outputs, os.path.join(args.output, "phi_mu.png"))
+    header = (f"# demo: mini Faster R-CNN, pretrained backbone, batch 32\n\nMachine: {machine()}; one thread per run. "
+              f"Configs: {', '.join(f'`{c}`' for c in RUNS.values())}.\n\n")
+    with open(os.path.join(args.output, "summary.md"), "w") as f:
+        f.write(header + text + f"\n![Φ and μ](phi_mu.png)\n")
+    print("\n" + text)
+    print(f"figure: {png}\nsummary: {os.path.join(args.output, 'summary.md')}")
+    if failed:
+        print(f"failed runs: {', '.join(failed)} (see their stdout.log)", file=sys.stderr)
+        return 1
     return 0
 
 

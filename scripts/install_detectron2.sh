@@ -30,6 +30,7 @@ D2_REPO=${AGVM_D2_REPO:-https://github.com/facebookresearch/detectron2}
 D2_PINNED=02b5c4e295e990042a714712c21dc79b731e8833  # 2026-06-06; the suite passes on it (see README)
 D2_REF=${AGVM_D2_REF:-$D2_PINNED}
 SDIST_SPEC="pb1-detectron2==0.6"
+D2_RUNTIME_DEPS="Pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard fvcore iopath omegaconf hydra-core"
 SDIST_NAME="pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 
@@ -96,6 +97,9 @@ include = ["detectron2*"]
 "*" = ["*.yaml", "**/*.yaml", "**/*.py"]
 TOML
   "$PYTHON" -m pip install --quiet --no-deps "$src"
+  # detectron2 0.6's runtime requirements (its setup.py's, without its black==21.4b2 pin); already
+  # satisfied under `make install` (requirements.txt pins them), needed after a bare `pip install .`
+  "$PYTHON" -m pip install --quiet $D2_RUNTIME_DEPS
 }
 
 if [ "$ROUTE" = source ]; then

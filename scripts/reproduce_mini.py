@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     if os.path.exists(findings):
         text += [open(findings).read().strip(), ""]
     text += ["## The four runs", "", rows_to_markdown(rows, table.metric, "mini"),
-             "Cells: `projects/faster_rcnn/configs/mini/<cell>.yaml` (rules in `scripts/make_project_files.py`). "
+             "Cells: `projects/faster_rcnn/configs/mini/<cell>.yaml` (their meaning and rules: `agvm/tables.py`). "
              "The paper column is the full-scale cell each one imitates, for orientation only.", "",
              "## Φ per module at the end (mean of the last five estimates)", "", _phi_summary(table, root),
              "![Φ per module](faster_rcnn_mini_phi.png)", "", "![μ per module](faster_rcnn_mini_mu.png)", "",

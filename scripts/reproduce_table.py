@@ -134,6 +134,29 @@ def cell_fingerprint(args, table: Table, cell: Cell) -> str:
     return config_fingerprint(os.path.join(ROOT, cmd[i + 1]), cmd[i + 2:])
 
 
+def check_cells(args, todo) -> None:
+    """Before anything runs: build every cell's config as its command would (the overrides
+    after ``--`` included) and check it (``check_run_config``); raises ValueError naming the cell,
+    key and value. A cell whose config no longer means its table entry (``agvm.tables``: a
+    hand edit that changed its batch, LR, schedule, ...) is reported with a warning: its row
+    would compare another run with the paper's number."""
+    from agvm.detectron2.checks import check_run_config
+    from agvm.tables import config_mismatches
+
+    processes = args.num_gpus * args.num_machines
+    for table, cell in todo:
+        cmd = cell_command(args, table, cell)
+        i = cmd.index("--config-file")
+        path = os.path.join(ROOT, cmd[i + 1])
+        opts = cmd[cmd.index("OUTPUT_DIR"):]
+        cfg = check_run_config(path, opts, processes, what=f"cell {table.name}/{cell.name}: ")
+        edited = [m for m in config_mismatches(table, cell, args.scale, cfg, open(path).read(), ROOT)
+                  if not m.startswith("OUTPUT_DIR") and not any(m.startswith(k + " ") for k in args.opts[0::2])]
+        if edited:
+            print(f"WARNING: {table.name}/{cell.name} no longer means its table entry (agvm/tables.py): "
+                  + "; ".join(edited), file=sys.stderr)
+
+
 def write_report(args, table: Table, argv_line: str) -> str:
     rows = comparison_rows(table, args.scale, args.output_abs)
     runs = [cell_output_dir(args.output_abs, table.name, args.scale, r["cell"]) for r in rows]
@@ -175,6 +198,11 @@ def main(argv=None) -> int:
                 return 2
     try:
         splits = {(t.name, c.name): cell_split(args, c) for t, c in todo}
+    except ValueError as e:
+        print(f"reproduce_table.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_cells(args, todo)
     except ValueError as e:
         print(f"reproduce_table.py: error: {e}", file=sys.stderr)
         return 2

@@ -244,29 +244,14 @@ def fingerprint(args, cell: dict, base, train_net: str) -> str:
 
 def check_cell(args, cell: dict, base) -> None:
     """Build the config one grid point would train with and run every check of a run on it
-    (unknown key, bad value, a key without effect in that config, batch vs GPUs), so that an
-    invalid point fails the sweep before any run starts. Raises ValueError/KeyError."""
-    from agvm.data.register import register_shapes
-    from agvm.detectron2.checks import ineffective_keys, validate_config
+    (``agvm.detectron2.checks.check_run_config``: unknown key, bad value, a key without effect
+    in that config, batch vs GPUs), so that an invalid point fails the sweep before any run
+    starts. Raises ValueError naming the point, the key and the value."""
+    from agvm.detectron2.checks import check_run_config
 
-    register_shapes()
-    cfg = base.clone()
-    overrides = cell_overrides(args, cell, base) + list(args.opts)
-    try:
-        cfg.merge_from_list(overrides)
-    except (KeyError, AssertionError, ValueError) as e:
-        raise ValueError(f"grid point {cell['name']}: {e}") from None
     _, (_, accum) = cell_split(args, cell, base)
-    cfg.SOLVER.GRAD_ACCUM_STEPS = accum
-    given = {k for k in cell["point"]} | set(args.opts[0::2])
-    unused = [u for u in ineffective_keys(cfg) if u.split("=", 1)[0] in given]
-    if unused:
-        raise ValueError(f"grid point {cell['name']}: {', '.join(unused)} would have no effect in "
-                         f"{os.path.relpath(args.config_file, ROOT)} (AGVM keys with SOLVER.AGVM.ENABLED False; α, CLAMP, EPS with MEASURE_ONLY True; another optimizer's keys)")
-    try:
-        validate_config(cfg, world_size=args.num_gpus * args.num_machines)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"grid point {cell['name']}: {e.args[0] if e.args else e}") from None
+    opts = cell_overrides(args, cell, base) + list(args.opts) + ["SOLVER.GRAD_ACCUM_STEPS", str(accum)]
+    check_run_config(args.config_file, opts, args.num_gpus * args.num_machines, what=f"grid point {cell['name']}: ")
 
 
 def main(argv=None) -> int:

@@ -35,11 +35,6 @@ def test_every_project_folder_is_complete():
                 assert os.path.exists(os.path.join(ROOT, TABLES[name].config_path(cell, scale))), cell
 
 
-def test_generated_files_are_up_to_date(capsys):
-    # configs, notebooks, READMEs and launch scripts are written by make_project_files.py
-    assert _load_script("make_project_files").main(["--check"]) == 0, capsys.readouterr().out
-
-
 def test_paper_numbers_and_iterations():
     faster = get_table("faster_rcnn")
     assert faster.cell("b512_agvm").paper == 36.7 and faster.cell("b512_agvm").iterations == 3680
@@ -73,41 +68,97 @@ def _load_cfg(path, *opts):
     return cfg
 
 
-METHOD_OPTIMIZER = {"MegDet": "SGD", "SGD": "SGD", "AGVM": "SGD", "SAM": "SAM", "LARS": "LARS",
-                    "AdamW": "AdamW", "AdamW+AGVM": "AdamW", "LAMB": "LAMB", "PMD-LAMB": "PMD_LAMB"}
+def _mismatches(table, cell, scale, path):
+    from agvm.tables import config_mismatches
+
+    return config_mismatches(table, cell, scale, _load_cfg(path), open(path).read(), ROOT)
 
 
-def test_cell_configs_match_their_cells():
-    from agvm.solver import scale_lr
-
+def test_every_cell_config_means_its_table_entry():
+    """The meaning test: each hand-owned cell config, merged with its bases, agrees with its
+    entry in agvm/tables.py (batch, iterations, warm-up, LR by the stated rule, LR decay at
+    the stated epochs with a comment that says so, the recipe's keys, the overrides)."""
+    checked = 0
     for t in TABLES.values():
         for scale in ("full", "mini"):
             for c in t.cells_at(scale):
-                cfg = _load_cfg(os.path.join(ROOT, t.config_path(c, scale)))
-                s = cfg.SOLVER
-                assert s.IMS_PER_BATCH == c.batch and s.MAX_ITER == c.iterations, c
-                assert s.OPTIMIZER == METHOD_OPTIMIZER[c.method], c
-                assert s.AGVM.ENABLED == ("AGVM" in c.method or c.method in ("MegDet", "SGD", "AdamW")), c
-                assert s.AGVM.MEASURE_ONLY == (c.method in ("MegDet", "SGD", "AdamW")), c
-                assert cfg.OUTPUT_DIR == f"./output/{t.name}/{scale}/{c.name}"
-                if s.AGVM.ENABLED:
-                    assert s.WARMUP_ITERS < s.AGVM.START_ITER < s.MAX_ITER, c
-    # learning rates by the stated rules, exact values
+                assert _mismatches(t, c, scale, os.path.join(ROOT, t.config_path(c, scale))) == [], (t.name, c.name)
+                checked += 1
+    assert checked == sum(len(t.cells) + len(t.mini_cells) for t in TABLES.values()) > 100
+
+
+def test_a_hand_edited_cell_that_keeps_its_meaning_passes_and_one_that_changes_it_fails(tmp_path):
+    """A researcher rewrites b512_agvm by hand: reordered keys, the LR written as a rule instead
+    of a value, other comments. It still means its entry. Changing the batch does not."""
+    import shutil
+
+    t = get_table("faster_rcnn")
+    cell = t.cell("b512_agvm")
+    folder = tmp_path / "projects" / "faster_rcnn" / "configs"
+    shutil.copytree(os.path.join(ROOT, "projects", "faster_rcnn", "configs"), folder)
+    shutil.copytree(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    edited = folder / "b512_agvm.yaml"
+    edited.write_text(
+        '_BASE_: ["Base-faster_rcnn_R50_FPN.yaml", "../../../configs/recipes/agvm_sgd.yaml"]\n'
+        "OUTPUT_DIR: ./output/faster_rcnn/full/b512_agvm\n"
+        "SOLVER:\n"
+        "  LR_SCALING: {RULE: sqrt, REFERENCE_IMS_PER_BATCH: 128, REFERENCE_LR: 0.19}  # 0.19 * sqrt(4)\n"
+        "  CLIP_GRADIENTS: {ITER_RANGE: [360, 560]}\n"
+        "  AGVM: {START_ITER: 560}\n"
+        "  WARMUP_ITERS: 460\n"
+        "  STEPS: (2760, 3220)  # the release: epochs 12 and 14 of 16\n"
+        "  MAX_ITER: 3680\n"
+        "  IMS_PER_BATCH: 512\n")
+    assert _mismatches(t, cell, "full", str(edited)) == []
+
+    edited.write_text(edited.read_text().replace("IMS_PER_BATCH: 512", "IMS_PER_BATCH: 1024"))
+    problems = _mismatches(t, cell, "full", str(edited))
+    assert any("SOLVER.IMS_PER_BATCH is 1024, the table says 512" in p for p in problems), problems
+    assert any("the base LR" in p for p in problems), problems  # the sqrt rule now gives another LR
+
+    edited.write_text(edited.read_text().replace("IMS_PER_BATCH: 1024", "IMS_PER_BATCH: 512")
+                      .replace("epochs 12 and 14 of 16", "epochs 8 and 11 of 12"))
+    assert _mismatches(t, cell, "full", str(edited)) == ["the STEPS comment (the release: epochs 8 and 11 of 12) does "
+                                                         "not say 'epochs 12 and 14 of 16'"]
+    edited.write_text(edited.read_text().replace("AGVM: {START_ITER: 560}", "AGVM: {START_ITER: 560, MOMENTUM: 0.9}"))
+    assert any("SOLVER.AGVM.MOMENTUM is 0.9, the table says 0.97" in p for p in
+               _mismatches(t, cell, "full", str(edited)))
+
+
+def test_ablations_are_one_key_deltas_on_their_parent():
+    import yaml
+
+    mask = get_table("mask_rcnn")
+    ablations = [c for c in mask.cells if c.parent]
+    assert len(ablations) == 5
+    for c in ablations:
+        tree = yaml.safe_load(open(os.path.join(ROOT, mask.config_path(c, "full"))))
+        assert tree.pop("_BASE_") == f"{c.parent}.yaml" and tree.pop("OUTPUT_DIR").endswith(c.name)
+        (key, value), = [o for o in c.overrides if o not in mask.cell(c.parent).overrides]
+        node = tree
+        for part in key.split("."):
+            assert list(node) == [part], (c.name, node)  # nothing but the one key
+            node = node[part]
+        assert node == value
+
+
+def test_learning_rates_by_the_stated_rules():
     def lr(table, cell):
-        s = _load_cfg(os.path.join(ROOT, get_table(table).config_path(get_table(table).cell(cell), "full"))).SOLVER
-        if s.LR_SCALING.RULE == "none":
-            return s.BASE_LR
-        return scale_lr(s.LR_SCALING.REFERENCE_LR, s.LR_SCALING.REFERENCE_IMS_PER_BATCH, s.IMS_PER_BATCH, s.LR_SCALING.RULE)
+        c = get_table(table).cell(cell)
+        return c.lr.at(c.batch)
 
     assert lr("faster_rcnn", "b1024_megdet") == pytest.approx(1.28)
     assert lr("faster_rcnn", "b512_agvm") == pytest.approx(0.38)
     assert lr("faster_rcnn", "b1024_agvm") == pytest.approx(0.38 * math.sqrt(2))
     assert lr("mask_rcnn", "b256_agvm") == pytest.approx(0.16 * math.sqrt(2))
     assert lr("mask_rcnn", "b512_agvm") == pytest.approx(0.32)
+    assert lr("semantic_fpn", "b512_megdet") == pytest.approx(0.32)
     assert lr("faster_rcnn", "b1536_adamw_agvm") == pytest.approx(1e-4 * math.sqrt(96))
-    s = _load_cfg(os.path.join(ROOT, "projects/faster_rcnn/configs/b512_agvm.yaml")).SOLVER
-    assert (s.WARMUP_ITERS, s.AGVM.START_ITER, tuple(s.CLIP_GRADIENTS.ITER_RANGE), s.STEPS) == (460, 560, (360, 560), (2760, 3220))
-    assert _load_cfg(os.path.join(ROOT, "projects/mask_rcnn/configs/b512_agvm_anchor_neck.yaml")).SOLVER.AGVM.ANCHOR == "neck"
+    c = get_table("faster_rcnn").cell("b512_agvm")
+    assert (c.warmup_iters, dict(c.overrides)["SOLVER.AGVM.START_ITER"], c.decay_at, c.epochs) == (460, 560, (12, 14), 16)
+    assert get_table("mask_rcnn").cell("b512_agvm").decay_at == (10.5, 12.25)  # 14 epochs
+    assert get_table("retinanet").cell("b4096_adamw_agvm").decay_at == (8, 11)
+    assert dict(get_table("retinanet").cell("b4096_adamw_agvm").overrides)["SOLVER.AGVM.INTERVAL"] == 5
 
 
 def test_every_config_builds_its_model_and_optimizer():
@@ -253,3 +304,27 @@ def test_tiny_run_reproduce_table_and_notebook(project, tiny_shapes):
     assert f"1 of {len(table.mini_cells)} cells have a final {table.metric}" in text
     assert f"missing ({len(table.mini_cells) - 1})" in text and cell.name in text
     assert "image/png" in text  # the Φ (and μ) figures
+
+
+def test_reproduce_table_checks_every_cell_before_launching(tmp_path, capsys):
+    """Bad value, unknown key, a key without effect: the command fails (exit 2) before any run,
+    naming the cell, key and value; nothing is written. A cell edited away from its table entry
+    runs with a warning that says what changed."""
+    reproduce = _load_script("reproduce_table")
+    root = tmp_path / "out"
+    base = ["--table", "faster_rcnn", "--scale", "mini", "--output-root", str(root)]
+    cases = [
+        (["b32_agvm", "--", "SOLVER.AGVM.MOMENTUM", "1.5"], "cell faster_rcnn/b32_agvm: SOLVER.AGVM.MOMENTUM=1.5 must be in [0, 1)"),
+        (["--", "SOLVER.AGVM.MOMENTOM", "0.9"], "SOLVER.AGVM.MOMENTOM"),
+        (["b8_megdet", "--", "SOLVER.AGVM.MOMENTUM", "0.9"], "SOLVER.AGVM.MOMENTUM=0.9 would have no effect"),
+    ]
+    for extra, message in cases:
+        assert reproduce.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+    assert not root.exists()
+
+    warned = reproduce.main(base + ["--dry-run", "b32_agvm", "--", "SOLVER.IMS_PER_BATCH", "16"])
+    assert warned == 0
+    err = capsys.readouterr().err
+    assert "WARNING" not in err  # a key given on the command line is the user's intent, not an edit

@@ -10,6 +10,8 @@ import sys
 import textwrap
 
 import pytest
+
+from agvm.detectron2 import default_argument_parser, setup_cfg  # noqa: E402
 import torch
 
 from agvm.detectron2 import AGVMTrainer

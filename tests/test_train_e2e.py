@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from agvm.detectron2 import default_argument_parser, setup_cfg  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "faster_rcnn_R18_FPN_shapes.yaml")
 
@@ -29,7 +31,7 @@ def tiny_args(train_net, out_dir, *extra, eval_only=False):
         "SOLVER.STEPS", "(4,)", "DATALOADER.NUM_WORKERS", "0",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *extra,
     ]
-    return train_net.default_argument_parser().parse_args(argv)
+    return default_argument_parser().parse_args(argv)
 
 
 def read_metrics(out_dir):

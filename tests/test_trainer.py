@@ -5,6 +5,8 @@ import math
 import os
 
 import pytest
+
+from agvm.detectron2 import default_argument_parser, setup_cfg  # noqa: E402
 import torch
 
 from detectron2.engine import HookBase
@@ -23,7 +25,7 @@ AGVM_OPTS = [
 def _cfg(out_dir, *opts):
     train_net = load_train_net()
     args = tiny_args(train_net, out_dir, *AGVM_OPTS, *opts)
-    return train_net.setup(args)
+    return setup_cfg(args)
 
 
 class Recorder(HookBase):

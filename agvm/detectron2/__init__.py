@@ -17,6 +17,7 @@ from .launch import launch
 from .defaults import AGVMTrainer, Trainer, install_agvm_hook
 from .resume import ResumableTrainingSampler
 from .train_loop import AGVMStepTrainer, split_batch
+from . import pretrained  # noqa: F401  (registers the agvm-pretrained:// PathManager handler)
 
 __all__ = [
     "AGVMStepTrainer",

@@ -76,8 +76,6 @@ def check_agvm_config(cfg: CfgNode) -> None:
                 "taken at a perturbed point shared by both half-batches, so AGVM's two half-batch estimates "
                 "would not be independent. Use SGD or AdamW with AGVM."
             )
-        if s.GRAD_ACCUM_STEPS != 1:
-            raise ValueError(f"SOLVER.OPTIMIZER='SAM' needs SOLVER.GRAD_ACCUM_STEPS=1, got {s.GRAD_ACCUM_STEPS}")
         if s.AMP.ENABLED:
             raise ValueError("SOLVER.OPTIMIZER='SAM' does not support SOLVER.AMP.ENABLED=True")
     if s.LR_SCALING.RULE not in LR_SCALING_RULES:

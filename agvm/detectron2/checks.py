@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from .build import agvm_start_iter, check_agvm_config
 
-__all__ = ["check_datasets_registered", "check_norm_device", "check_split_batch", "ineffective_keys",
-           "validate_config"]
+__all__ = ["check_datasets_registered", "check_norm_device", "check_run_config", "check_split_batch",
+           "ineffective_keys", "validate_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,40 @@ def ineffective_keys(cfg: CfgNode) -> List[str]:
     if s.AGVM.ENABLED and s.AGVM.MEASURE_ONLY:  # μ stays 1: what shapes μ has no effect
         out += [f"SOLVER.AGVM.{k}={s.AGVM[k]!r}" for k in ("MOMENTUM", "CLAMP", "EPS") if s.AGVM[k] != d.AGVM[k]]
     return out
+
+
+def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1, what: str = "") -> CfgNode:
+    """Build the config a run would train with (defaults, agvm keys, ``config_file``, the
+    ``KEY VALUE`` ``opts``) and run every check of a run on it, without building or writing
+    anything: unknown key or bad value (:func:`validate_config`, with ``world_size``
+    processes), and an ``opts`` key that would have no effect in that config
+    (:func:`ineffective_keys`). Used by the experiment scripts before they launch anything.
+
+    Returns the config. Raises ValueError starting with ``what`` (e.g. "grid point a0.9_t5: ")
+    and naming the key and value."""
+    from detectron2.config import get_cfg
+
+    from ..data.register import register_shapes
+    from .config import add_agvm_config
+
+    register_shapes()
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError) as e:
+        raise ValueError(f"{what}{e.args[0] if e.args else e}") from None
+    given = set(list(opts)[0::2])
+    unused = [u for u in ineffective_keys(cfg) if u.split("=", 1)[0] in given]
+    if unused:
+        raise ValueError(f"{what}{', '.join(unused)} would have no effect in {config_file} (AGVM keys with "
+                         "SOLVER.AGVM.ENABLED False; α, CLAMP, EPS with MEASURE_ONLY True; another optimizer's keys)")
+    try:
+        validate_config(cfg, world_size=world_size)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{what}{e.args[0] if e.args else e}") from None
+    return cfg
 
 
 def _defaults() -> CfgNode:

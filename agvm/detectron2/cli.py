@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -114,13 +114,20 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     return cfg
 
 
-def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
-    """The evaluator(s) for ``dataset_name``, chosen by its metadata's ``evaluator_type``.
+#: What a project can ask to be evaluated (its Trainer's ``metrics``) -> the evaluator kind.
+METRICS = {"box AP": "coco", "mask AP": "coco", "mIoU": "sem_seg", "PQ": "panoptic"}
 
-    ``coco`` → COCO box (and mask/keypoint, as the model predicts) AP; ``sem_seg`` → mIoU;
-    ``coco_panoptic_seg`` → PQ (:class:`agvm.evaluation.PanopticQualityEvaluator`, the COCO
-    panoptic rules without ``panopticapi``), plus COCO AP and mIoU of its instance and
-    semantic parts.
+
+def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None,
+                    metrics: Optional[Sequence[str]] = None) -> DatasetEvaluator:
+    """The evaluator(s) for ``dataset_name``.
+
+    ``metrics`` (keys of :data:`METRICS`; default None = by the dataset metadata's
+    ``evaluator_type``): "box AP"/"mask AP" → COCO AP of what the model predicts (boxes,
+    masks, keypoints); "mIoU" → semantic segmentation; "PQ" → panoptic quality
+    (:class:`agvm.evaluation.PanopticQualityEvaluator`, the COCO panoptic rules without
+    ``panopticapi``). By ``evaluator_type``: ``coco`` → COCO AP, ``sem_seg`` → mIoU,
+    ``coco_panoptic_seg`` → PQ with COCO AP and mIoU of its parts.
     Results go to ``output_folder`` (default ``<OUTPUT_DIR>/inference``).
     """
     prepare_datasets([dataset_name])
@@ -128,12 +135,19 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: Optional[str
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if metrics is None:
+        kinds = {"coco": {"coco"}, "sem_seg": {"sem_seg"}, "coco_panoptic_seg": {"sem_seg", "coco", "panoptic"}}.get(evaluator_type, set())
+    else:
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {list(METRICS)}")
+        kinds = {METRICS[m] for m in metrics}
     evaluators = []
-    if evaluator_type in ("sem_seg", "coco_panoptic_seg"):
+    if "sem_seg" in kinds:
         evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
-    if evaluator_type in ("coco", "coco_panoptic_seg"):
+    if "coco" in kinds:
         evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
-    if evaluator_type == "coco_panoptic_seg":
+    if "panoptic" in kinds:
         evaluators.append(PanopticQualityEvaluator(dataset_name, output_folder))
     if not evaluators:
         raise ValueError(

@@ -35,11 +35,15 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's ``DefaultTrainer`` with the evaluator picked from the dataset's metadata."""
+    """detectron2's ``DefaultTrainer`` with agvm's evaluators (:func:`agvm.detectron2.build_evaluator`)."""
+
+    #: What to evaluate (keys of ``agvm.detectron2.cli.METRICS``: "box AP", "mask AP", "mIoU",
+    #: "PQ"); None (default) = chosen by the test dataset's ``evaluator_type``.
+    metrics = None
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
+        return build_evaluator(cfg, dataset_name, output_folder, cls.metrics)
 
 
 class AGVMTrainer(Trainer):

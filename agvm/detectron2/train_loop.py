@@ -258,13 +258,22 @@ class AGVMStepTrainer(SimpleTrainer):
         return out
 
     def _sam_step(self, data, data_time, iteration):
+        """SAM over ``accum_steps`` micro-batches: the ascent gradient accumulated over all of
+        them (not synchronised under DDP), the step's gradient at the shifted point accumulated
+        over the same micro-batches (BN statistics frozen; synchronised on the last one)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        k = self.accum_steps
+        chunks = [items for _, items in split_batch(data, k, halves=False)]
         self.optimizer.zero_grad()
         no_sync = getattr(self.model, "no_sync", None)
+        totals: Dict[str, float] = {}
         with no_sync() if no_sync is not None else contextlib.nullcontext():
-            loss_dict = self._forward(data)
-            sum(loss_dict.values()).backward()
-        self._write_metrics(loss_dict, data_time)
+            for items in chunks:
+                loss_dict = self._forward(items)
+                (sum(loss_dict.values()) / k).backward()
+                for name, v in loss_dict.items():
+                    totals[name] = totals.get(name, 0.0) + v.detach() / k
+        self._write_metrics(totals, data_time)
         with torch.no_grad():
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
@@ -276,7 +285,10 @@ class AGVMStepTrainer(SimpleTrainer):
                     p.add_(shifts[p])
         self.optimizer.zero_grad()
         with _frozen_bn_stats(self.model):
-            sum(self._forward(data).values()).backward()
+            for index, items in enumerate(chunks):
+                last = index == k - 1
+                with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                    (sum(self._forward(items).values()) / k).backward()
         with torch.no_grad():
             for p, e in shifts.items():
                 p.sub_(e)

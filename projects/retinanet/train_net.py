@@ -1,29 +1,25 @@
 #!/usr/bin/env python
-"""RetinaNet R18 at extreme batch sizes (the paper's RetinaNet rows) with AGVM on detectron2.
+"""RetinaNet R18 at extreme batch (paper: PMD-LAMB vs AdamW+AGVM, up to 10K) with AGVM on detectron2; metric: COCO box AP. The configs: projects/retinanet/configs/.
 
-    python projects/retinanet/train_net.py --config-file projects/retinanet/configs/mini/retinanet_R18_FPN_shapes.yaml
     python projects/retinanet/train_net.py --config-file projects/retinanet/configs/<cell>.yaml --num-gpus 8
-    python projects/retinanet/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+    python projects/retinanet/train_net.py --config-file projects/retinanet/configs/mini/<cell>.yaml   # CPU
 
-Evaluation: COCO box AP, chosen by the test dataset's evaluator_type. Runs on CPU when there is
-no GPU; with MODEL.DEVICE cpu, --num-gpus N starts N CPU processes (gloo); torchrun / srun
-processes join directly. See projects/retinanet/README.md.
+`--help` lists the options and the AGVM keys; projects/retinanet/README.md the cells.
 """
 
 import agvm  # noqa: F401  (first: detectron2 0.6 compatibility patches)
 
-from agvm.detectron2 import AGVMTrainer, default_argument_parser, launch_cli, setup_cfg, train_or_evaluate  # noqa: F401
+from agvm.detectron2 import AGVMTrainer, launch_cli, setup_cfg, train_or_evaluate
 
 
 class Trainer(AGVMTrainer):
-    """RetinaNet with AGVM when SOLVER.AGVM.ENABLED (else the plain optimizer of SOLVER.OPTIMIZER)."""
+    """AdamW+AGVM or PMD-LAMB (SOLVER.OPTIMIZER, SOLVER.AGVM.ENABLED); evaluated by COCO box AP."""
 
-
-setup = setup_cfg  # the run's config: defaults, agvm keys, --config-file, KEY VALUE overrides; checked
+    metrics = ("box AP",)
 
 
 def main(args):
-    return train_or_evaluate(setup(args), args, Trainer)
+    return train_or_evaluate(setup_cfg(args), args, Trainer)
 
 
 if __name__ == "__main__":

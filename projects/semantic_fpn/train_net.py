@@ -1,29 +1,25 @@
 #!/usr/bin/env python
-"""Semantic FPN on ADE20K (paper Table 2, third block) with AGVM on detectron2.
+"""Semantic FPN on ADE20K (paper Table 2, third block) with AGVM on detectron2; metric: mIoU. The configs: projects/semantic_fpn/configs/.
 
-    python projects/semantic_fpn/train_net.py --config-file projects/semantic_fpn/configs/mini/semantic_fpn_R18_shapes.yaml
     python projects/semantic_fpn/train_net.py --config-file projects/semantic_fpn/configs/<cell>.yaml --num-gpus 8
-    python projects/semantic_fpn/train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+    python projects/semantic_fpn/train_net.py --config-file projects/semantic_fpn/configs/mini/<cell>.yaml   # CPU
 
-Evaluation: mIoU, chosen by the test dataset's evaluator_type. Runs on CPU when there is
-no GPU; with MODEL.DEVICE cpu, --num-gpus N starts N CPU processes (gloo); torchrun / srun
-processes join directly. See projects/semantic_fpn/README.md.
+`--help` lists the options and the AGVM keys; projects/semantic_fpn/README.md the cells.
 """
 
 import agvm  # noqa: F401  (first: detectron2 0.6 compatibility patches)
 
-from agvm.detectron2 import AGVMTrainer, default_argument_parser, launch_cli, setup_cfg, train_or_evaluate  # noqa: F401
+from agvm.detectron2 import AGVMTrainer, launch_cli, setup_cfg, train_or_evaluate
 
 
 class Trainer(AGVMTrainer):
-    """Semantic FPN with AGVM when SOLVER.AGVM.ENABLED (else the plain optimizer of SOLVER.OPTIMIZER)."""
+    """AGVM when SOLVER.AGVM.ENABLED, else the plain SOLVER.OPTIMIZER; evaluated by mIoU."""
 
-
-setup = setup_cfg  # the run's config: defaults, agvm keys, --config-file, KEY VALUE overrides; checked
+    metrics = ("mIoU",)
 
 
 def main(args):
-    return train_or_evaluate(setup(args), args, Trainer)
+    return train_or_evaluate(setup_cfg(args), args, Trainer)
 
 
 if __name__ == "__main__":
