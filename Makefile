@@ -3,7 +3,7 @@
 #   make test       install if needed, then the fast test suite (~minutes on 2 CPU cores)
 #   make test-slow  the long tests (marked `slow`)
 #   make test-install  `pip install .` into a fresh venv + install_detectron2.sh (marked `install`)
-#   make demo       install if needed, then train + evaluate the mini Faster R-CNN on CPU
+#   make demo       install if needed, then the demo: AGVM vs its μ = 1 twin at batch 32 (CPU, ~5 min)
 #   make clean      remove .venv and output/
 
 PYTHON3 ?= python3
@@ -39,6 +39,6 @@ demo: install
 clean:
 	rm -rf $(VENV) output
 
-# The CPU-scale reproduction (≈20–30 min on 2 cores): results/mini/README.md
+# The scaled-down reproduction (2 cores; resumable): results/mini/README.md
 reproduce-mini: install
 	$(PY) scripts/reproduce_mini.py

@@ -5,9 +5,10 @@ The mini Faster R-CNN (R-18-FPN, 128 px shapes) fine-tuned from the pretrained m
 (``agvm-pretrained://shapes_r18``: FPN and heads start fresh, as in the paper's ImageNet regime)
 at a large batch for this scale (32 images, 4× the mini baseline's 8), twice, side by side:
 
-* ``baseline``: MegDet's recipe (the linear LR rule), AGVM in MEASURE_ONLY mode: Φ per module
-  is logged and μ stays 1 — the misalignment AGVM corrects;
-* ``agvm``: the same model and data with AGVM (square-root LR rule, μ = sqrt(Φ_backbone / Φ_module)).
+* ``baseline``: SGD at the square-root rule's LR (0.04) with AGVM in MEASURE_ONLY mode: Φ per
+  module is logged and μ stays 1 — the misalignment AGVM corrects (MegDet's linear rule, LR
+  0.08, diverged in this regime, so the baseline is AGVM's μ = 1 twin);
+* ``agvm``: the same LR, warm-up, clipping, model and data with μ = sqrt(Φ_backbone / Φ_module).
 
 Both go through ``agvm.runner`` (the runner of every experiment script): one thread each (fixed,
 so the same command gives the same numbers), their log paths printed at start and a progress
@@ -36,7 +37,7 @@ from agvm.runner import machine, parse_with_overrides, run_all, run_logged  # no
 TRAIN_NET = "projects/faster_rcnn/train_net.py"
 CONFIGS = "projects/faster_rcnn/configs/mini/pretrained"
 #: run name -> config file (relative to the repository root)
-RUNS = {"baseline": f"{CONFIGS}/b32_megdet.yaml", "agvm": f"{CONFIGS}/b32_agvm.yaml"}
+RUNS = {"baseline": f"{CONFIGS}/b32_twin.yaml", "agvm": f"{CONFIGS}/b32_agvm.yaml"}
 
 
 def prepare() -> float:

@@ -87,9 +87,13 @@ def add_solver_config(cfg: CN) -> None:
 
 def add_agvm_config(cfg: CN) -> None:
     """Add agvm's keys to a detectron2 config (in place; idempotent): the solver keys of
-    :func:`add_solver_config` (optimizers, accumulation, clipping window, ...) and SOLVER.AGVM.*,
+    :func:`add_solver_config` (optimizers, accumulation, clipping window, ...), the keys of
+    agvm's RetinaNet variant (MODEL.EFFECTIVE_BATCH.*, :mod:`agvm.detectron2.effective_batch`) and SOLVER.AGVM.*,
     the method's own (defaults from :class:`agvm.GradientVarianceModulator`)."""
     add_solver_config(cfg)
+    from .effective_batch import add_effective_batch_config
+
+    add_effective_batch_config(cfg)  # MODEL.EFFECTIVE_BATCH.*: the effective-batch experiment's RetinaNet
     if "AGVM" in cfg.SOLVER:
         return
     _C = cfg

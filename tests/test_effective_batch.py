@@ -1,0 +1,302 @@
+"""The effective-batch experiment: EffectiveBatchRetinaNet's variants, configs and script."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from agvm.detectron2 import add_agvm_config, default_argument_parser, module_of_parameters
+from agvm.detectron2.effective_batch import (
+    EffectiveBatchRetinaNet,
+    UnsharedRetinaNetHead,
+    add_effective_batch_config,
+    check_loss_keep,
+    location_keep_mask,
+    main,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "projects", "retinanet", "configs", "effective_batch")
+VARIANTS = ("shared", "unshared", "no_fpn", "masked")
+NO_WEIGHTS = ("MODEL.WEIGHTS", "")
+
+
+def _cfg(variant, *opts):
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    add_effective_batch_config(cfg)
+    add_effective_batch_config(cfg)  # idempotent
+    cfg.merge_from_file(os.path.join(CONFIGS, f"{variant}.yaml"))
+    cfg.merge_from_list(list(NO_WEIGHTS + opts))
+    return cfg
+
+
+def _model(variant, *opts, seed=0):
+    torch.manual_seed(seed)
+    return build_model(_cfg(variant, *opts))
+
+
+def _batch(n=4, seed=1):
+    """n synthetic 128 px images with 1-3 boxes each (the model's input format)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(n):
+        k = int(torch.randint(1, 4, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 80
+        wh = 12 + torch.rand(k, 2, generator=g) * 36
+        inst = Instances((128, 128), gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)),
+                         gt_classes=torch.randint(0, 5, (k,), generator=g))
+        image = (torch.rand(3, 128, 128, generator=g) * 255).to(torch.uint8)
+        batch.append({"image": image, "instances": inst, "height": 128, "width": 128})
+    return batch
+
+
+def _losses(model, batch, seed=0):
+    torch.manual_seed(seed)
+    model.train()
+    with EventStorage(0) as storage:
+        losses = model(batch)
+        return {k: float(v) for k, v in losses.items()}, storage.latest()
+
+
+# ------------------------------------------------------------------------------ configs and models
+def test_configs_change_one_thing_each():
+    ref = _cfg("shared")
+    assert ref.MODEL.META_ARCHITECTURE == "EffectiveBatchRetinaNet"
+    assert ref.SOLVER.AGVM.ENABLED and ref.SOLVER.AGVM.MEASURE_ONLY and ref.SOLVER.AGVM.INTERVAL == 2
+    assert ref.SOLVER.AGVM.START_ITER == 0 and ref.SOLVER.OPTIMIZER == "SGD" and ref.SOLVER.IMS_PER_BATCH == 16
+    expected = {
+        "unshared": {"MODEL.EFFECTIVE_BATCH.UNSHARED_HEADS"},
+        "masked": {"MODEL.EFFECTIVE_BATCH.LOSS_KEEP"},
+        "no_fpn": {"MODEL.BACKBONE.NAME", "MODEL.RESNETS.OUT_FEATURES", "MODEL.RETINANET.IN_FEATURES",
+                   "MODEL.ANCHOR_GENERATOR.SIZES"},
+    }
+
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            out.update(flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
+        return out
+
+    base = flat(ref)
+    for variant, keys in expected.items():
+        cfg = flat(_cfg(variant))
+        diff = {k for k in base if base[k] != cfg[k]} - {"OUTPUT_DIR"}
+        assert diff == keys, variant
+    assert _cfg("masked").MODEL.EFFECTIVE_BATCH.LOSS_KEEP == 0.25
+
+
+def test_unshared_heads_are_per_level_and_start_as_the_shared_head():
+    shared, unshared = _model("shared"), _model("unshared")
+    assert isinstance(unshared.head, UnsharedRetinaNetHead) and len(unshared.head.heads) == 5
+    n_shared = sum(p.numel() for p in shared.head.parameters())
+    n_unshared = sum(p.numel() for p in unshared.head.parameters())
+    assert n_unshared == 5 * n_shared
+    ids = [{id(p) for p in h.parameters()} for h in unshared.head.heads]
+    assert all(not (a & b) for i, a in enumerate(ids) for b in ids[i + 1:])  # no tensor shared between levels
+    for h in unshared.head.heads:  # each level's head starts from the shared head's weights
+        for (name, p), q in zip(h.named_parameters(), shared.head.parameters()):
+            assert torch.equal(p, q), name
+    # same initial function, and the same RNG use as the stock model
+    batch = _batch()
+    a, _ = _losses(shared, batch)
+    b, _ = _losses(unshared, batch)
+    assert a == pytest.approx(b, rel=1e-5)
+    # AGVM's grouping: heads → dense_head, ResNet → backbone, FPN → neck
+    groups = module_of_parameters(unshared)
+    assert {m for n, m in groups.items() if n.startswith("head.heads.4.")} == {"dense_head"}
+    assert {m for n, m in groups.items() if n.startswith("backbone.bottom_up.")} == {"backbone"}
+    assert {m for n, m in groups.items() if n.startswith("backbone.fpn_")} == {"neck"}
+    # a backward pass reaches every level's head
+    unshared.train()
+    with EventStorage(0):
+        sum(unshared(batch).values()).backward()
+    assert all(h.cls_score.weight.grad is not None and h.cls_score.weight.grad.abs().sum() > 0 for h in unshared.head.heads)
+
+
+def test_no_fpn_is_a_plain_resnet_with_one_level_and_loads_fpn_resnet_weights():
+    from detectron2.modeling.backbone.resnet import ResNet
+
+    model = _model("no_fpn")
+    assert type(model.backbone) is ResNet and model.head_in_features == ["res4"]
+    assert model.anchor_generator.num_anchors == [45] and model.anchor_generator.strides == [16]
+    assert set(module_of_parameters(model).values()) == {"backbone", "dense_head"}
+    losses, _ = _losses(model, _batch())
+    assert all(math.isfinite(v) for v in losses.values())
+    # ResNet weights saved from an FPN model (backbone.bottom_up.*) load into backbone.*
+    state = {f"backbone.bottom_up.{k}": v + 1.0 if v.is_floating_point() else v
+             for k, v in model.backbone.state_dict().items()}
+    state["backbone.bottom_up.res5.0.conv1.weight"] = torch.zeros(1)  # a stage this backbone lacks
+    expected = {k: v.clone() for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    assert "backbone.res5.0.conv1.weight" in result.unexpected_keys
+    assert not [k for k in result.missing_keys if k.startswith("backbone.")]
+    assert torch.equal(model.backbone.res2[0].conv1.weight, expected["backbone.bottom_up.res2.0.conv1.weight"])
+
+
+def test_location_keep_mask_keeps_a_quarter_of_the_positions():
+    positions, anchors = [16 * 16, 8 * 8, 4 * 4], [9, 9, 9]
+    torch.manual_seed(0)
+    mask = location_keep_mask(6, positions, anchors, 0.25)
+    assert mask.shape == (6, sum(p * a for p, a in zip(positions, anchors))) and mask.dtype == torch.bool
+    start = 0
+    for p, a, kept in zip(positions, anchors, (64, 16, 4)):
+        level = mask[:, start:start + p * a].reshape(6, p, a)
+        start += p * a
+        assert (level.all(dim=2) == level.any(dim=2)).all()  # whole locations: all anchors or none
+        assert level[:, :, 0].sum(dim=1).tolist() == [kept] * 6  # exactly round(0.25 · H·W) per image
+    assert mask.float().mean().item() == pytest.approx(0.25, abs=0.005)
+    assert not torch.equal(mask[0], mask[1])  # drawn per image
+    torch.manual_seed(0)
+    assert torch.equal(location_keep_mask(6, positions, anchors, 0.25), mask)  # torch's generator
+    assert location_keep_mask(2, [1, 4], [3, 3], 0.25).sum(dim=1).tolist() == [6, 6]  # at least one per level
+
+
+def test_masked_losses_differ_and_the_normaliser_counts_kept_foreground():
+    full, masked = _model("shared"), _model("masked")
+    masked.load_state_dict(full.state_dict())
+    batch = _batch()
+    a, sa = _losses(full, batch)
+    b, sb = _losses(masked, batch)
+    assert all(math.isfinite(v) for v in b.values())
+    assert a["loss_cls"] != pytest.approx(b["loss_cls"], rel=1e-3)
+    assert a["loss_box_reg"] != pytest.approx(b["loss_box_reg"], rel=1e-3)
+    # 128 px, P3-P7: 256+64+16+4+1 positions, 64+16+4+1+1 kept (at least one per level)
+    assert sb["effective_batch/kept_anchors"][0] == pytest.approx(86 / 341, abs=1e-6)
+    assert "effective_batch/kept_anchors" not in sa
+    assert 0 < sb["num_pos_anchors"][0] < sa["num_pos_anchors"][0]
+    # LOSS_KEEP 1.0 draws nothing from torch's generator (the stock model); 0.25 draws the masks
+    torch.manual_seed(3)
+    untouched = torch.rand(1)
+    _losses(full, batch, seed=3)
+    assert torch.equal(torch.rand(1), untouched)
+    _losses(masked, batch, seed=3)
+    assert not torch.equal(torch.rand(1), untouched)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.25, float("nan")])
+def test_invalid_loss_keep_is_rejected_naming_the_key(bad):
+    with pytest.raises(ValueError, match=r"MODEL\.EFFECTIVE_BATCH\.LOSS_KEEP=" + repr(bad).replace(".", r"\.") + r" .*\(0, 1\]"):
+        _model("shared", "MODEL.EFFECTIVE_BATCH.LOSS_KEEP", bad)
+    for value in (bad, 0, True, "0.5"):
+        with pytest.raises(ValueError, match=r"LOSS_KEEP=" + repr(value).replace(".", r"\.")):
+            check_loss_keep(value)
+    assert check_loss_keep(1) == 1.0 and check_loss_keep(0.25) == 0.25
+
+
+def test_stock_model_without_the_keys():
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "projects", "retinanet", "configs", "mini", "retinanet_R18_FPN_shapes.yaml"))
+    cfg.MODEL.META_ARCHITECTURE = "EffectiveBatchRetinaNet"
+    model = build_model(cfg)
+    assert isinstance(model, EffectiveBatchRetinaNet) and model.loss_keep == 1.0
+    assert not isinstance(model.head, UnsharedRetinaNetHead)
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_trains_and_logs_phi(variant, tiny_shapes):
+    out = tiny_shapes / variant
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(CONFIGS, f"{variant}.yaml"),
+        "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
+    ])
+    main(args)
+    with open(out / "metrics.json") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    phi = [r for r in records if "agvm/phi/backbone" in r]
+    assert [r["iteration"] for r in phi] == [0, 2]
+    for r in phi:
+        for module in ("backbone", "dense_head"):
+            assert math.isfinite(r[f"agvm/phi/{module}"]) and 0.0 < r[f"agvm/phi/{module}"] <= 2.0
+            assert r[f"agvm/mu/{module}"] == 1.0  # MEASURE_ONLY
+        assert ("agvm/phi/neck" in r) == (variant != "no_fpn")
+    losses = [r["total_loss"] for r in records if "total_loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    kept = [r["effective_batch/kept_anchors"] for r in records if "effective_batch/kept_anchors" in r]
+    assert (kept == [pytest.approx(86 / 341)]) if variant == "masked" else not kept
+
+
+# ------------------------------------------------------------------------------ the script
+def _script():
+    spec = importlib.util.spec_from_file_location("effective_batch_script", os.path.join(ROOT, "scripts", "effective_batch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_dry_run_lists_four_commands(capsys):
+    script = _script()
+    assert script.main(["--dry-run", "--python", "python", "--max-iter", "7"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    for line, v in zip(lines, VARIANTS):
+        assert line == (f"python scripts/effective_batch.py train --config-file "
+                        f"projects/retinanet/configs/effective_batch/{v}.yaml --num-gpus 1 "
+                        f"OUTPUT_DIR output/effective_batch/{v} SOLVER.MAX_ITER 7")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--dry-run", "nope"])
+    assert e.value.code == 2
+    assert script.main(["--dry-run", "--", "MODEL.EFFECTIVE_BATCH.LOSS_KEEP", "1.5"]) == 2
+
+
+def _fake_run(folder, backbone, head, neck=None, wall_s=12.5, loss=1.25):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        for i, (b, h) in enumerate(zip(backbone, head)):
+            row = {"iteration": 2 * i, "agvm/phi/backbone": b, "agvm/phi/dense_head": h}
+            if neck is not None:
+                row["agvm/phi/neck"] = neck
+            f.write(json.dumps(row) + "\n")
+        f.write(json.dumps({"iteration": 2 * len(backbone) - 1, "total_loss": loss}) + "\n")
+    with open(os.path.join(folder, "agvm_run.json"), "w") as f:
+        json.dump({"command": f"python train {os.path.basename(folder)}", "returncode": 0, "wall_s": wall_s,
+                   "machine": "test machine"}, f)
+
+
+def test_report_from_fake_metrics(tmp_path):
+    script = _script()
+    root = tmp_path / "out"
+    _fake_run(root / "shared", [0.8, 0.6, 0.4, 0.2], [0.2, 0.2, 0.1, 0.1], neck=0.5)
+    _fake_run(root / "masked", [0.5, 0.5, 0.5], [0.25, 0.5, 0.4], neck=0.7, wall_s=90.0)
+    s = script.summarize(str(root / "shared"))
+    assert s["estimates"] == 4 and s["iterations"] == 8 and s["last_loss"] == 1.25
+    assert s["phi"]["backbone"] == pytest.approx(0.5) and s["phi"]["dense_head"] == pytest.approx(0.15)
+    assert s["ratio"] == pytest.approx(0.3) and s["ratio_last"] == pytest.approx(0.1 / 0.3)
+    each = [0.25, 1 / 3, 0.25, 0.5]  # Φ_head / Φ_backbone at each estimate
+    assert [r for _, r in s["ratios"]] == pytest.approx(each) and s["ratio_each"] == pytest.approx(sum(each) / 4)
+    mean = sum(each) / 4
+    assert s["ratio_each_se"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in each) / 3 / 4))
+    m = script.summarize(str(root / "masked"))  # last half of 3 estimates: the last 2
+    assert m["ratio"] == pytest.approx(((0.25 + 0.5 + 0.4) / 3) / 0.5)
+    assert m["ratio_last"] == pytest.approx(0.45 / 0.5)
+    path = script.write_report(str(root), str(tmp_path / "res"), "python scripts/effective_batch.py")
+    text = open(path).read()
+    shared_row = next(line for line in text.splitlines() if line.startswith("| shared |"))
+    assert "| 0.500 | 0.500 | 0.150 | 0.300 | 0.333 | 0.333 ± 0.059 | 4 | 1.250 | 0.2 min | ok |" in shared_row
+    masked_row = next(line for line in text.splitlines() if line.startswith("| masked |"))
+    assert "| 0.500 | 0.700 | 0.383 | 0.767 | 0.900 | 0.767 ± 0.145 | 3 |" in masked_row and "1.5 min" in masked_row
+    assert next(line for line in text.splitlines() if line.startswith("| no_fpn |")).endswith("| missing |")
+    assert "`python train shared`" in text and "test machine" in text
+    assert os.path.getsize(tmp_path / "res" / "phi.png") > 1000
+
+
+def test_a_new_run_starts_from_a_clean_folder(tmp_path):
+    script = _script()
+    names = ["metrics.json", "log.txt", "model_final.pth", "model_0000099.pth", "events.out.tfevents.1.vm.2.0",
+             "last_checkpoint", "agvm_run.json", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    assert script.clear_run(str(tmp_path)) == sorted(names[:-1])
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    assert script.clear_run(str(tmp_path / "absent")) == []
