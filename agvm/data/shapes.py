@@ -582,6 +582,19 @@ def _file_lock(path: str) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _swap_into_place(tmp: str, folder: str) -> None:
+    """Rename the finished ``tmp`` folder to ``folder``, replacing an existing one (moved aside
+    first, then deleted), so that ``folder`` is never half-written."""
+    root_dir, name = os.path.split(folder)
+    if os.path.lexists(folder):
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=root_dir)
+        os.rename(folder, os.path.join(old, name))
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, folder)
+
+
 def _remove_stale(root: str, name: str) -> None:
     for entry in os.listdir(root):
         if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
@@ -647,13 +660,7 @@ def ensure_shapes(
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root_dir)
         try:
             generate_shapes(tmp, **params)
-            if os.path.lexists(folder):
-                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=root_dir)
-                os.rename(folder, os.path.join(old, name))
-                os.rename(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, folder)
+            _swap_into_place(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -520,13 +520,7 @@ def ensure_pretrained(
             }
             with open(os.path.join(tmp, "manifest.json"), "wb") as f:
                 f.write(json.dumps(manifest, indent=1).encode("utf-8"))
-            if os.path.lexists(folder):
-                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=root_dir)
-                os.rename(folder, os.path.join(old, name))
-                os.rename(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, folder)
+            _shapes._swap_into_place(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
