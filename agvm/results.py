@@ -85,7 +85,8 @@ def read_run(output_dir: str) -> Optional[dict]:
 
 def curves(records: Sequence[Mapping], kind: str = "phi") -> "OrderedDict[str, Tuple[List[int], List[float]]]":
     """Per module, ``(iterations, values)`` of ``agvm/<kind>/<module>`` (kind "phi", "mu" or
-    "lr") in the order they were logged; non-finite values are kept (a failed run shows them)."""
+    "lr") in the order they were logged; non-finite values are kept (a failed run shows them;
+    a NaN/inf that the strict JSON writer stored as null reads back as NaN)."""
     prefix = f"agvm/{kind}/"
     out: "OrderedDict[str, Tuple[List[int], List[float]]]" = OrderedDict()
     for rec in records:
@@ -93,7 +94,7 @@ def curves(records: Sequence[Mapping], kind: str = "phi") -> "OrderedDict[str, T
             if key.startswith(prefix):
                 its, vals = out.setdefault(key[len(prefix):], ([], []))
                 its.append(int(rec.get("iteration", len(its))))
-                vals.append(float(value))
+                vals.append(float("nan") if value is None else float(value))
     return out
 
 
