@@ -146,10 +146,21 @@ def outcome(out: str) -> Tuple[str, Optional[float]]:
     if res["status"] == "ok":
         return "ok", res["measured"]
     log = os.path.join(out, "stdout.log")
-    if os.path.exists(log) and ("FloatingPointError" in open(log, errors="replace").read()
-                                or "non-finite" in open(log, errors="replace").read()):
+    text = open(log, errors="replace").read() if os.path.exists(log) else ""
+    if "FloatingPointError" in text or "non-finite" in text:
         return "diverged", None
     return res["status"], None
+
+
+def run_lr(out: str) -> Optional[float]:
+    """The base LR a run trained with (its config.yaml, LR scaling rule applied), or None."""
+    import yaml
+
+    try:
+        with open(os.path.join(out, "config.yaml")) as f:
+            return float(yaml.safe_load(f)["SOLVER"]["BASE_LR"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def scaling_table(runs: Sequence[Run], root: str) -> str:
@@ -165,9 +176,9 @@ def scaling_table(runs: Sequence[Run], root: str) -> str:
         aps = [ap for status, ap in results if status == "ok"]
         diverged = sum(status == "diverged" for status, _ in results)
         iters = rs[0].opts[rs[0].opts.index("SOLVER.MAX_ITER") + 1]
-        lr = 0.02 * batch / 8 if method == "megdet" else 0.02 * math.sqrt(batch / 8)
+        lr = run_lr(os.path.join(root, rs[0].name))
         rows.append(f"| {batch} | {METHOD_LABELS[method]} | {_mean_std(aps)} | {diverged}/{len(rs)} | "
-                    f"{len(aps)} finished | {iters} | {lr:.3g} |")
+                    f"{len(aps)} finished | {iters} | {'—' if lr is None else f'{lr:.3g}'} |")
     return "\n".join(rows) + "\n"
 
 

@@ -87,6 +87,8 @@ def _fake_run(folder, ap=None, diverged=False):
         f.write("FloatingPointError: Loss became infinite or NaN\n" if diverged else "ok\n")
     with open(os.path.join(folder, "agvm_run.json"), "w") as f:
         json.dump({"command": "python x", "returncode": 1 if diverged else 0, "wall_s": 60}, f)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write("SOLVER:\n  BASE_LR: 0.04\n")
 
 
 def test_reproduce_mini_report_mean_std_and_divergence_per_seed(tmp_path):
@@ -102,9 +104,9 @@ def test_reproduce_mini_report_mean_std_and_divergence_per_seed(tmp_path):
         elif r.name.startswith("scaling/b32_megdet"):
             _fake_run(root / r.name, diverged=r.seed != 0, ap=5.0 if r.seed == 0 else None)
     table = reproduce.scaling_table(runs, str(root))
-    assert "| 32 | AGVM (sqrt LR) | 12.00 ± 2.00 | 0/3 | 3 finished |" in table
+    assert "| 32 | AGVM (sqrt LR) | 12.00 ± 2.00 | 0/3 | 3 finished | 32 | 0.04 |" in table
     assert "| 32 | MegDet (linear LR) | 5.00 | 2/3 | 1 finished |" in table
-    assert "| 8 | MegDet (linear LR) | — | 0/3 | 0 finished |" in table  # not run: missing, not diverged
+    assert "| 8 | MegDet (linear LR) | — | 0/3 | 0 finished | 125 | — |" in table  # not run: missing, not diverged
     phi = reproduce.phi_table(runs, str(root))
     assert "| 32 | MegDet (linear LR) | 0.800 | 0.200 | 4.00–4.00 |" in phi
     path = reproduce.write_report(args, runs, str(root), "2026-11-28T00:00", 60.0)
