@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -582,6 +582,34 @@ def _file_lock(path: str) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def build_cached(folder: str, verify: Callable[[], List[str]], build: Callable[[str], None], what: str) -> None:
+    """Make the cache folder ``folder`` pass ``verify`` (which returns its problems, [] = intact):
+    when it does not, ``build(tmp)`` fills a temporary sibling folder that then replaces it,
+    under an exclusive ``fcntl.flock`` on ``<root>/.<name>.lock`` (concurrent processes build it
+    once; ``verify`` runs again under the lock). A failed verification is logged as a warning
+    naming ``what`` and the problems. Shared by the dataset and the pretrained-weights caches."""
+    if not verify():
+        return
+    root_dir, name = os.path.split(folder)
+    os.makedirs(root_dir, exist_ok=True)
+    with _file_lock(os.path.join(root_dir, f".{name}.lock")):
+        problems = verify()  # another process may have finished it
+        if not problems:
+            return
+        if os.path.exists(folder):
+            logger.warning("%s %s failed verification (%s); regenerating it", what, folder, "; ".join(problems))
+        else:
+            logger.info("%s %s not found; generating it", what, folder)
+        _remove_stale(root_dir, name)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root_dir)
+        try:
+            build(tmp)
+            _swap_into_place(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
 def _swap_into_place(tmp: str, folder: str) -> None:
     """Rename the finished ``tmp`` folder to ``folder``, replacing an existing one (moved aside
     first, then deleted), so that ``folder`` is never half-written."""
@@ -638,31 +666,7 @@ def ensure_shapes(
     _VERIFIED.discard(folder)
     params = dict(seed=int(seed), image_size=int(image_size), num_train=num_train,
                   num_val=num_val)
-    if not verify_shapes(folder, **params):
-        _VERIFIED.add(folder)
-        return folder
-
-    root_dir, name = os.path.split(folder)
-    os.makedirs(root_dir, exist_ok=True)
-    with _file_lock(os.path.join(root_dir, f".{name}.lock")):
-        problems = verify_shapes(folder, **params)  # another process may have finished it
-        if not problems:
-            _VERIFIED.add(folder)
-            return folder
-        if os.path.exists(folder):
-            logger.warning(
-                "shapes dataset %s failed verification (%s); regenerating it",
-                folder, "; ".join(problems),
-            )
-        else:
-            logger.info("shapes dataset %s not found; generating it", folder)
-        _remove_stale(root_dir, name)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root_dir)
-        try:
-            generate_shapes(tmp, **params)
-            _swap_into_place(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    build_cached(folder, lambda: verify_shapes(folder, **params), lambda tmp: generate_shapes(tmp, **params),
+                 "shapes dataset")
     _VERIFIED.add(folder)
     return folder

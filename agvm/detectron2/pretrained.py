@@ -48,8 +48,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -65,7 +63,7 @@ from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 from detectron2.utils.file_io import PathHandler, PathManager
 
 from ..data import shapes as _shapes
-from ..data.shapes import _file_lock, _remove_stale, _sha256_file
+from ..data.shapes import _sha256_file
 
 __all__ = [
     "PRETRAINED_VERSION",
@@ -479,53 +477,38 @@ def ensure_pretrained(
     folder = pretrained_dir(root, seed, crop_size, **s)
     weights = os.path.join(folder, _MODEL_FILE)
     expected = dict(seed=int(seed), crop_size=int(crop_size), settings=s)
-    if not verify_pretrained(folder, **expected):
-        return weights
+    built = {}
 
-    root_dir, name = os.path.split(folder)
-    os.makedirs(root_dir, exist_ok=True)
-    with _file_lock(os.path.join(root_dir, f".{name}.lock")):
-        problems = verify_pretrained(folder, **expected)  # another process may have built it
-        if not problems:
-            return weights
-        if os.path.exists(folder):
-            logger.warning("pretrained weights %s failed verification (%s); rebuilding them",
-                           folder, "; ".join(problems))
-        else:
-            logger.info("pretrained weights %s not found; building them", folder)
-        _remove_stale(root_dir, name)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root_dir)
-        try:
-            t0 = time.perf_counter()
-            state, stats = pretrain_resnet(root_dir, int(seed), int(crop_size), num_threads=num_threads, **s)
-            with open(os.path.join(tmp, _MODEL_FILE), "wb") as f:
-                torch.save({"model": state, "__author__": "agvm"}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            wall = time.perf_counter() - t0
-            manifest = {
-                "name": "agvm-pretrained",
-                "version": PRETRAINED_VERSION,
-                "arch": "detectron2 ResNet-18 (BN, RES2_OUT_CHANNELS 64), keys backbone.bottom_up.*",
-                "seed": int(seed),
-                "crop_size": int(crop_size),
-                "settings": s,
-                "shapes_version": _shapes.SHAPES_VERSION,
-                "detection_seed": _shapes.DEFAULT_SEED,
-                **stats,
-                "wall_seconds": round(wall, 2),
-                "torch": torch.__version__,
-                "files": {_MODEL_FILE: {"size": os.path.getsize(os.path.join(tmp, _MODEL_FILE)),
-                                        "sha256": _sha256_file(os.path.join(tmp, _MODEL_FILE))}},
-            }
-            with open(os.path.join(tmp, "manifest.json"), "wb") as f:
-                f.write(json.dumps(manifest, indent=1).encode("utf-8"))
-            _shapes._swap_into_place(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    logger.info("pretrained weights: %s (held-out accuracy %.3f, %.1f s)",
-                weights, manifest["heldout_accuracy"], manifest["wall_seconds"])
+    def build(tmp: str) -> None:
+        t0 = time.perf_counter()
+        state, stats = pretrain_resnet(os.path.dirname(folder), int(seed), int(crop_size), num_threads=num_threads, **s)
+        with open(os.path.join(tmp, _MODEL_FILE), "wb") as f:
+            torch.save({"model": state, "__author__": "agvm"}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = {
+            "name": "agvm-pretrained",
+            "version": PRETRAINED_VERSION,
+            "arch": "detectron2 ResNet-18 (BN, RES2_OUT_CHANNELS 64), keys backbone.bottom_up.*",
+            "seed": int(seed),
+            "crop_size": int(crop_size),
+            "settings": s,
+            "shapes_version": _shapes.SHAPES_VERSION,
+            "detection_seed": _shapes.DEFAULT_SEED,
+            **stats,
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+            "torch": torch.__version__,
+            "files": {_MODEL_FILE: {"size": os.path.getsize(os.path.join(tmp, _MODEL_FILE)),
+                                    "sha256": _sha256_file(os.path.join(tmp, _MODEL_FILE))}},
+        }
+        with open(os.path.join(tmp, "manifest.json"), "wb") as f:
+            f.write(json.dumps(manifest, indent=1).encode("utf-8"))
+        built.update(manifest)
+
+    _shapes.build_cached(folder, lambda: verify_pretrained(folder, **expected), build, "pretrained weights")
+    if built:
+        logger.info("pretrained weights: %s (held-out accuracy %.3f, %.1f s)",
+                    weights, built["heldout_accuracy"], built["wall_seconds"])
     return weights
 
 
