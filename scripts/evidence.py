@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""The evidence experiment, stage 1: choose a regime from baseline runs only.
+
+The protocol is ``results/evidence/protocol.md`` (written before any stage-2 run). Stage 1
+trains only baselines (SGD, no AGVM, no twin) of the mini Faster R-CNN from the pretrained mini
+backbone on the shapes dataset, for each candidate regime in :data:`REGIMES`: the small batch
+B0 with the linear LR rule, and 16·B0 at the same epochs with the linear and the square-root
+rule, on the given seeds. A regime is accepted when, on every seed, (a) B0's box AP at the end
+is within 5 % of its AP at 75 % of training, (b) the better 16·B0 baseline loses ≥ 5 % and
+≥ 3 standard deviations of B0 over seeds, and (c) 16·B0 gets ≥ 200 iterations
+(:mod:`agvm.protocol`).
+
+Each run trains into ``--output-root`` (checkpoints, events: not committed) and its small
+records (``config.yaml``, ``metrics.json``, ``eval_results.json``, ``agvm_run.json``) are copied
+to ``results/evidence/runs/stage1/<regime>/<run>/``, which are committed. A run whose record
+exists with an exit code and the same config fingerprint is reused, so the plan resumes and a
+later call extends it; ``--report-only`` rewrites ``results/evidence/stage1.md`` from the
+committed records alone (byte-for-byte the same for the same records).
+
+    python scripts/evidence.py [--regimes r64_1600x8] [--seeds 0 1 2] [--jobs 2] [--dry-run] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from agvm.protocol import converged, degraded, mean_std  # noqa: E402
+from agvm.results import read_metrics, read_run  # noqa: E402
+from agvm.runner import config_fingerprint, run_all, run_logged, stale_reason  # noqa: E402
+
+TRAIN_NET = "projects/faster_rcnn/train_net.py"
+CONFIG = "projects/faster_rcnn/configs/mini/pretrained/megdet.yaml"  # SGD, linear rule from (8 images, 0.02)
+RECORD_FILES = ("config.yaml", "metrics.json", "eval_results.json", "agvm_run.json")
+
+#: Candidate regimes, tried in this order. size: image side in px (train and test); images:
+#: training images of the shapes set; epochs: passes over them at every batch; b0: the small
+#: batch (images); factor: the large batch is factor·b0; warmup: linear warm-up in images.
+#: LR decays ×0.1 at 2/3 and 8/9 of training (detectron2's 1x proportions), so the AP at 75 %
+#: is taken after the first decay.
+REGIMES: Dict[str, dict] = {
+    "r64_1600x8": dict(size=64, images=1600, epochs=8.0, b0=4, factor=16, warmup=1280),
+}
+
+
+@dataclass
+class Run:
+    regime: str
+    batch: int
+    rule: str  # "linear" or "sqrt"
+    seed: int
+    opts: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch}_{self.rule}_s{self.seed}"
+
+    @property
+    def path(self) -> str:
+        return f"stage1/{self.regime}/{self.name}"
+
+
+def schedule(regime: dict, batch: int) -> dict:
+    """Iterations, LR steps, warm-up and the 75 % evaluation point of ``batch`` in ``regime``."""
+    iters = int(math.ceil(regime["epochs"] * regime["images"] / batch))
+    return dict(iters=iters, steps=(round(iters * 2 / 3), round(iters * 8 / 9)),
+                warmup=max(1, round(regime["warmup"] / batch)), eval_at=round(iters * 0.75))
+
+
+def run_opts(regime: dict, batch: int, rule: str, seed: int) -> List[str]:
+    s = schedule(regime, batch)
+    size = str(regime["size"])
+    return [
+        "SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.MAX_ITER", str(s["iters"]), "SOLVER.STEPS", str(s["steps"]),
+        "SOLVER.WARMUP_ITERS", str(s["warmup"]), "SOLVER.GRAD_ACCUM_STEPS", "2", "SOLVER.LR_SCALING.RULE", rule,
+        "SOLVER.AGVM.ENABLED", "False", "TEST.EVAL_PERIOD", str(s["eval_at"]), "SEED", str(seed),
+        "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", size,
+        "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, "DATALOADER.NUM_WORKERS", "0",
+    ]
+
+
+def plan(regimes: Sequence[str], seeds: Sequence[int]) -> List[Run]:
+    """B0 (linear) and factor·B0 (linear, sqrt) per seed, seed-major so that a seed's three
+    runs finish together."""
+    runs = []
+    for name in regimes:
+        r = REGIMES[name]
+        for seed in seeds:
+            for batch, rule in ((r["b0"], "linear"), (r["b0"] * r["factor"], "linear"), (r["b0"] * r["factor"], "sqrt")):
+                runs.append(Run(name, batch, rule, seed, run_opts(r, batch, rule, seed)))
+    return runs
+
+
+def command(run: Run, out: str) -> List[str]:
+    return [sys.executable, TRAIN_NET, "--config-file", CONFIG, "OUTPUT_DIR", out, *run.opts]
+
+
+def copy_records(out: str, records: str) -> None:
+    os.makedirs(records, exist_ok=True)
+    for name in RECORD_FILES:
+        src = os.path.join(out, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(records, name))
+
+
+def evaluations(records: str) -> Dict[int, float]:
+    """``{iteration: box AP}`` of every evaluation a run logged (its metrics.json)."""
+    return {int(r["iteration"]): float(r["bbox/AP"]) for r in read_metrics(records)
+            if r.get("bbox/AP") is not None and "iteration" in r}
+
+
+def result(run: Run, records_root: str) -> dict:
+    """status ("ok", "diverged", "failed", "missing"), AP at 75 % and at the end, LR, wall time."""
+    folder = os.path.join(records_root, run.path)
+    rec = read_run(folder)
+    out = {"status": "missing", "ap75": None, "ap": None, "lr": None, "wall_min": None}
+    if rec is None or rec.get("returncode") is None:
+        return out
+    out["wall_min"] = (rec.get("wall_s") or 0) / 60
+    s = schedule(REGIMES[run.regime], run.batch)
+    evals = evaluations(folder)
+    out["ap75"] = evals.get(s["eval_at"] - 1)
+    out["ap"] = evals.get(s["iters"] - 1)
+    try:
+        import yaml
+
+        with open(os.path.join(folder, "config.yaml")) as f:
+            out["lr"] = float(yaml.safe_load(f)["SOLVER"]["BASE_LR"])
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    losses = [r.get("total_loss") for r in read_metrics(folder) if "total_loss" in r]
+    if rec["returncode"] != 0:
+        out["status"] = "diverged" if any(x is None or not math.isfinite(x) for x in losses[-1:]) or \
+            "FloatingPointError" in str(rec.get("error", "")) else "failed"
+    else:
+        out["status"] = "ok" if out["ap"] is not None and math.isfinite(out["ap"]) else "failed"
+    return out
+
+
+def _f(x, digits=2) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def regime_section(name: str, runs: Sequence[Run], records_root: str) -> List[str]:
+    r = REGIMES[name]
+    mine = [x for x in runs if x.regime == name]
+    results = {x.name: result(x, records_root) for x in mine}
+    big = r["b0"] * r["factor"]
+    s0, s1 = schedule(r, r["b0"]), schedule(r, big)
+    lines = [f"### Regime `{name}`", "",
+             f"{r['size']} px images, {r['images']} training images, {r['epochs']:g} epochs at every batch, B0 = {r['b0']}, "
+             f"large batch {big} ({r['factor']}·B0), linear warm-up over {r['warmup']} images, LR ×0.1 at 2/3 and 8/9 of "
+             f"training; B0: {s0['iters']} iterations, {big}: {s1['iters']} iterations.", "",
+             "| run | batch | LR rule | LR | iterations | AP at 75 % | AP at the end | status | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for x in mine:
+        res = results[x.name]
+        lines.append(f"| {x.name} | {x.batch} | {x.rule} | {_f(res['lr'], 4)} | {schedule(r, x.batch)['iters']} | "
+                     f"{_f(res['ap75'])} | {_f(res['ap'])} | {res['status']} | {_f(res['wall_min'], 1)} |")
+    seeds = sorted({x.seed for x in mine})
+    done = lambda rule, batch: {x.seed: (results[x.name]["ap"] if results[x.name]["status"] == "ok" else  # noqa: E731
+                                        (0.0 if results[x.name]["status"] == "diverged" else None))
+                                for x in mine if x.rule == rule and x.batch == batch}
+    small = {k: v for k, v in done("linear", r["b0"]).items() if v is not None}
+    large = {rule: {k: v for k, v in done(rule, big).items() if v is not None} for rule in ("linear", "sqrt")}
+    conv = {x.seed: converged(results[x.name]["ap75"], results[x.name]["ap"])
+            for x in mine if x.batch == r["b0"] and results[x.name]["status"] == "ok"}
+    deg = degraded(small, large)
+    m, sd = mean_std(list(small.values()))
+    a_ok = bool(conv) and all(conv.values()) and len(conv) == len(seeds)
+    c_ok = s1["iters"] >= 200
+    lines += ["", f"- (a) B0 converged (AP at the end within 5 % of AP at 75 %): "
+              + (", ".join(f"seed {k}: {'yes' if v else 'no'}" for k, v in sorted(conv.items())) or "no finished B0 run")
+              + f" → {'met' if a_ok else 'not met'}",
+              f"- (b) B0 AP {_f(m)} ± {_f(sd)} over {len(small)} seed(s); per seed, the better of the two {big} "
+              "baselines loses: " + (", ".join(
+                  f"seed {k}: {_f(v['loss'])} AP ({_f(100 * v['relative'], 1) if v['relative'] is not None else '—'} %)"
+                  for k, v in sorted(deg["per_seed"].items())) or "—")
+              + f"; needed ≥ 5 % and ≥ 3 std = {_f(deg['threshold'])} AP → {'met' if deg['ok'] else 'not met'}",
+              f"- (c) {big} gets {s1['iters']} iterations (≥ 200) → {'met' if c_ok else 'not met'}",
+              f"- **Verdict: {'accepted' if (a_ok and deg['ok'] and c_ok) else 'not accepted'}** (seeds {', '.join(map(str, seeds))})", ""]
+    return lines
+
+
+def write_report(runs: Sequence[Run], records_root: str, path: str, regimes: Sequence[str]) -> str:
+    """The stage-1 report from the records alone (no clock, no machine state: regenerable)."""
+    machines = sorted({(read_run(os.path.join(records_root, x.path)) or {}).get("machine", "") for x in runs} - {""})
+    total = sum((read_run(os.path.join(records_root, x.path)) or {}).get("wall_s") or 0 for x in runs) / 60
+    lines = ["# Evidence, stage 1: choosing the regime from baseline runs only", "",
+             "Generated by `python scripts/evidence.py --report-only` from the run records in "
+             "[`runs/stage1/`](runs/stage1/); the protocol is [`protocol.md`](protocol.md). Every pilot tried is listed, "
+             "accepted or not. Baselines only: SGD (mini Faster R-CNN, pretrained mini backbone, shapes dataset), "
+             "the LR from (8 images, 0.02) by the linear or the square-root rule, two micro-batches per iteration.", "",
+             f"Machine(s): {'; '.join(machines) or '—'}. The runs' own time adds up to {total:.0f} min "
+             "(2 at a time, one thread each).", ""]
+    for name in regimes:
+        lines += regime_section(name, runs, records_root)
+    lines += ["## Commands", "", "```bash"]
+    for x in runs:
+        rec = read_run(os.path.join(records_root, x.path))
+        if rec:
+            lines.append(f"{rec.get('command', '')}   # exit {rec.get('returncode', '?')}")
+    lines += ["```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def recorded_regimes(records_root: str) -> List[str]:
+    base = os.path.join(records_root, "stage1")
+    return [r for r in REGIMES if os.path.isdir(os.path.join(base, r))]
+
+
+def recorded_seeds(records_root: str, regime: str) -> List[int]:
+    base = os.path.join(records_root, "stage1", regime)
+    seeds = set()
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        if "_s" in name:
+            try:
+                seeds.add(int(name.rsplit("_s", 1)[1]))
+            except ValueError:
+                pass
+    return sorted(seeds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regimes", nargs="+", default=None, choices=sorted(REGIMES),
+                   help="regimes to run (default: all of REGIMES)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with its share of the CPU threads (default 2)")
+    p.add_argument("--output-root", default=os.path.join(ROOT, "output", "evidence"),
+                   help="where runs train (default output/evidence; not committed)")
+    p.add_argument("--records", default=os.path.join(ROOT, "results", "evidence"),
+                   help="records and report folder (default results/evidence)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan's commands; run and write nothing")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the committed records")
+    args = p.parse_args(argv)
+    records_root = os.path.join(args.records, "runs")
+    if args.report_only:
+        regimes = args.regimes or recorded_regimes(records_root)
+        runs = [x for name in regimes for x in plan([name], recorded_seeds(records_root, name))]
+        print("wrote", write_report(runs, records_root, os.path.join(args.records, "stage1.md"), regimes))
+        return 0
+    regimes = args.regimes or list(REGIMES)
+    runs = plan(regimes, args.seeds)
+    pending = []
+    for x in runs:
+        fp = config_fingerprint(os.path.join(ROOT, CONFIG), x.opts)
+        folder = os.path.join(records_root, x.path)
+        if (read_run(folder) or {}).get("returncode") is not None and stale_reason(folder, fp) is None:
+            continue  # finished with this config: reused
+        pending.append((x, fp))
+    if args.dry_run:
+        for x, _ in pending:
+            print(" ".join(shlex.quote(c) for c in command(x, os.path.join(args.output_root, x.path))))
+        print(f"# {len(pending)} of {len(runs)} runs to do; dry run: nothing run or written", file=sys.stderr)
+        return 0
+    from agvm.detectron2.pretrained import ensure_pretrained
+
+    ensure_pretrained()
+    os.environ["AGVM_SHAPES_NUM_TRAIN"] = str(REGIMES[regimes[0]]["images"])
+    if len({REGIMES[r]["images"] for r in regimes}) > 1:
+        p.error("run regimes with different training-set sizes in separate calls")
+
+    def one(item, threads):
+        x, fp = item
+        out = os.path.join(args.output_root, x.path)
+        cmd = command(x, out)
+        line = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python").replace(ROOT + os.sep, "")
+        line = line.replace(args.output_root, "output/evidence")
+        rec = run_logged(cmd, out, {"cell": x.path, "fingerprint": fp, "regime": x.regime}, cwd=ROOT, threads=threads,
+                         line=line, progress=lambda t: print(t, flush=True), every_s=300.0)
+        copy_records(out, os.path.join(records_root, x.path))
+        res = result(x, records_root)
+        return f"{x.path}: {res['status']} AP75 {_f(res['ap75'])} AP {_f(res['ap'])} in {rec['wall_s'] / 60:.1f} min"
+
+    run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
+    done_regimes = recorded_regimes(records_root)
+    all_runs = [x for name in done_regimes for x in plan([name], recorded_seeds(records_root, name))]
+    print("wrote", write_report(all_runs, records_root, os.path.join(args.records, "stage1.md"), done_regimes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
