@@ -43,6 +43,7 @@ from agvm.runner import config_fingerprint, run_all, run_logged, stale_reason  #
 TRAIN_NET = "projects/faster_rcnn/train_net.py"
 CONFIG = "projects/faster_rcnn/configs/mini/pretrained/megdet.yaml"  # SGD, linear rule from (8 images, 0.02)
 RECORD_FILES = ("config.yaml", "metrics.json", "eval_results.json", "agvm_run.json")
+TAIL_LINES = 15  # the end of a run's console output, kept as stdout_tail.log (why it stopped)
 
 #: Candidate regimes, tried in this order. size: image side in px (train and test); images:
 #: training images of the shapes set; epochs: passes over them at every batch; b0: the small
@@ -112,6 +113,12 @@ def copy_records(out: str, records: str) -> None:
         src = os.path.join(out, name)
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(records, name))
+    log = os.path.join(out, "stdout.log")
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            tail = f.read().splitlines()[-TAIL_LINES:]
+        with open(os.path.join(records, "stdout_tail.log"), "w") as f:
+            f.write("\n".join(tail) + "\n")
 
 
 def evaluations(records: str) -> Dict[int, float]:
@@ -140,9 +147,12 @@ def result(run: Run, records_root: str) -> dict:
     except (OSError, KeyError, TypeError, ValueError):
         pass
     losses = [r.get("total_loss") for r in read_metrics(folder) if "total_loss" in r]
+    tail_path = os.path.join(folder, "stdout_tail.log")
+    tail = open(tail_path, errors="replace").read() if os.path.exists(tail_path) else ""
     if rec["returncode"] != 0:
-        out["status"] = "diverged" if any(x is None or not math.isfinite(x) for x in losses[-1:]) or \
-            "FloatingPointError" in str(rec.get("error", "")) else "failed"
+        # detectron2 stops a diverged run with FloatingPointError (a non-finite loss or boxes)
+        diverged = "FloatingPointError" in tail or any(x is None or not math.isfinite(x) for x in losses[-1:])
+        out["status"] = "diverged" if diverged else "failed"
     else:
         out["status"] = "ok" if out["ap"] is not None and math.isfinite(out["ap"]) else "failed"
     return out

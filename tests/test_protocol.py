@@ -1,0 +1,58 @@
+"""The evidence protocol's checks (agvm.protocol) on made-up runs, with exact expected values."""
+
+import math
+
+import pytest
+
+from agvm.protocol import converged, degraded, mean_std, paired_difference
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert mean_std([4.0, float("nan")]) == (4.0, 0.0)
+    m, s = mean_std([])
+    assert math.isnan(m) and math.isnan(s)
+
+
+@pytest.mark.parametrize("ap75, ap_end, expected", [
+    (20.0, 21.0, True),  # +5 %: the boundary is inside
+    (20.0, 19.0, True),  # −5 %
+    (20.0, 21.01, False),  # still climbing
+    (20.0, 18.9, False),
+    (None, 20.0, False),  # no evaluation at 75 %
+    (20.0, float("nan"), False),
+    (0.0, 0.0, False),  # learned nothing
+])
+def test_converged(ap75, ap_end, expected):
+    assert converged(ap75, ap_end) is expected
+
+
+def test_degraded_needs_both_the_relative_and_the_std_margin():
+    small = {0: 20.0, 1: 21.0, 2: 22.0}  # std 1.0: the 3-std margin is 3.0 AP
+    ok = degraded(small, {"linear": {0: 10.0, 1: 12.0, 2: 11.0}, "sqrt": {0: 16.0, 1: 17.0, 2: 18.0}})
+    assert ok["ok"] and ok["threshold"] == 3.0
+    assert ok["per_seed"][0]["best_large"] == 16.0 and ok["per_seed"][0]["loss"] == 4.0
+    assert ok["per_seed"][0]["relative"] == pytest.approx(0.2)
+    # seed 2 loses 3.5 % only (> 3 std? no: 0.8 AP): the regime fails on that seed
+    close = degraded(small, {"linear": {0: 16.0, 1: 17.0, 2: 21.2}, "sqrt": {0: 1.0, 1: 1.0, 2: 1.0}})
+    assert not close["ok"] and [v["passes"] for _, v in sorted(close["per_seed"].items())] == [True, True, False]
+    # a large relative loss that is within 3 std of a noisy small batch is not enough
+    noisy = degraded({0: 10.0, 1: 20.0, 2: 30.0}, {"linear": {0: 8.0, 1: 18.0, 2: 27.0}})
+    assert not noisy["ok"] and noisy["threshold"] == 30.0
+
+
+def test_degraded_counts_divergence_and_rejects_missing_runs():
+    small = {0: 20.0, 1: 20.5}
+    diverged = degraded(small, {"linear": {0: float("nan"), 1: float("nan")}, "sqrt": {0: float("nan"), 1: 10.0}})
+    assert diverged["ok"] and diverged["per_seed"][0]["best_large"] == 0.0
+    missing = degraded(small, {"linear": {0: 1.0}, "sqrt": {0: 1.0, 1: 1.0}})
+    assert not missing["ok"] and missing["per_seed"][1]["passes"] is False
+    assert not degraded({0: 20.0}, {"linear": {0: 1.0}})["ok"]  # one seed: no standard deviation
+
+
+def test_paired_difference():
+    out = paired_difference({0: 30.0, 1: 31.0, 2: 29.0, 3: 40.0}, {0: 29.0, 1: 31.5, 2: float("nan")})
+    assert out["per_seed"] == {0: 1.0, 1: -0.5, 2: 29.0}  # seed 3 unpaired; the diverged twin counts as 0
+    assert out["ahead"] == 2 and out["seeds"] == 3
+    assert out["mean"] == pytest.approx(29.5 / 3)
