@@ -7,8 +7,10 @@ For each world size and model, every rank holds three copies of the model:
   plain      DDP without a hook: the baseline (also every strategy's ordinary iteration)
   hook       DDP with agvm's comm hook (agvm.distributed): on an AGVM iteration one extra
              half-group all-reduce per bucket and a tiny all-reduce of per-module sums
-  hook_adam  the comm hook measuring Φ on Adam-preconditioned half means (AdamW; the stacked
-             world all-reduce of [g, 0] / [0, g], twice the bucket's bytes on an AGVM iteration)
+  hook_adam  the comm hook measuring Φ on Adam-preconditioned half means (AdamW): the same
+             collectives as hook (the other half's mean derived from the world mean), plus the
+             float32 preconditioning of each rank's share (1/W of every parameter's elements),
+             block by block in cache-sized scratch
   reference  the authors' release re-implemented from its description (agvm-spec §4): backward
              without DDP sync, then a per-parameter all-reduce inside each half, an all-gather
              of the whole flattened gradient between two ranks (one per half), a full

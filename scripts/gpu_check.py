@@ -1,8 +1,21 @@
 #!/usr/bin/env python
 """The checks that only a GPU can run, one PASS/FAIL/SKIP line each; exits 1 on any FAIL.
 
-    python scripts/gpu_check.py [--device cuda|cpu] [--only hook,nccl,fullscale] [--out DIR]
+    python scripts/gpu_check.py [--device cuda|cpu] [--only stream,amp,hook,nccl,fullscale] [--out DIR]
+                                [--plant-old-future]
 
+stream              one GPU, no NCCL: the collectives are faked to run on a side CUDA stream that
+                    first sleeps (``torch.cuda._sleep``) and then writes the other ranks' share,
+                    completing a ``Future(devices=[cuda])`` inside ``torch.cuda.stream(side)``, as
+                    NCCL does; AGVM's hook runs on a CUDA bucket (fake world 4: a half-group and
+                    a world all-reduce), and, as DDP does, the returned future is waited on and
+                    its value read on the default stream: PASS when the value is the expected
+                    mean and the statistics saw the half sum, FAIL when read early.
+                    ``--plant-old-future`` wraps the hook's result in the old hand-made
+                    ``torch.futures.Future()`` filled from a ``then`` callback: FAIL expected.
+                    SKIP without CUDA.
+amp                 tests/test_step_safety.py's AMP overflow test on CUDA (float16 autocast, CUDA
+                    GradScaler): an estimate iteration whose plain pass overflows leaves μ unchanged.
 hook[amp=off|on]    two processes share one GPU over a process group bound to CUDA only
                     (backend "cuda:gloo": any collective on a CPU tensor raises, as NCCL would),
                     run AGVM's DDP comm hook on the mini detector (AGVMStepTrainer, the real
@@ -243,6 +256,102 @@ def check_hook(backend: str, device: str, amp: bool, world: int, adam: bool = Fa
     return ok, detail, {"records": records}
 
 
+# ------------------------------------------------------------------------------ stream check
+def check_stream(plant_old_future: bool = False, world: int = 4, rank: int = 3, sleep_cycles: int = 500_000_000) -> tuple:
+    """See the module docstring (``stream``)."""
+    from unittest import mock
+
+    import torch
+    import torch.distributed as dist
+
+    from agvm.distributed import AGVMHookState, agvm_comm_hook
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(1 << 20, device=dev)), torch.nn.Parameter(torch.randn(4096, device=dev))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    others = [torch.randn_like(grad) for _ in range(world - 1)]  # ranks 0, 1, 2 (rank 2 shares rank 3's half)
+    contribution = {"world": sum(o * (1.0 / world) for o in others), "half": others[-1]}
+    streams = []
+
+    class Work:
+        def __init__(self, fut, side):
+            self.fut, self.side = fut, side
+
+        def get_future(self):
+            return self.fut
+
+        def wait(self):  # as ProcessGroupNCCL's: the current stream waits, the host does not
+            torch.cuda.current_stream().wait_stream(self.side)
+            return True
+
+    def all_reduce(tensor, group=None, async_op=False):
+        side = torch.cuda.Stream()
+        streams.append(side)
+        side.wait_stream(torch.cuda.current_stream())  # NCCL's stream waits for the inputs
+        fut = torch.futures.Future(devices=[tensor.device])
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(sleep_cycles)  # the collective takes a while
+            tensor.add_(contribution["world" if group == "world" else "half"])
+            fut.set_result([tensor])  # records its events on the side stream, as NCCL's future
+        return Work(fut, side)
+
+    class Bucket:
+        def __init__(self):
+            self.buf = grad.clone()
+
+        def buffer(self):
+            return self.buf
+
+        def index(self):
+            return 0
+
+        def parameters(self):
+            return params
+
+        def is_last(self):
+            return True
+
+    patches = [mock.patch.object(dist, name, fn) for name, fn in {
+        "get_world_size": lambda group=None: world, "get_rank": lambda group=None: rank,
+        "get_process_group_ranks": lambda group: list(range(world)), "get_group_rank": lambda group, r: r,
+        "new_group": lambda ranks, **kw: "half", "all_reduce": all_reduce}.items()]
+    for p in patches:
+        p.start()
+    try:
+        state = AGVMHookState({p: "m" for p in params}, ["m"], process_group="world")
+        state.estimate = True
+        torch.cuda.synchronize()
+        fut = agvm_comm_hook(state, Bucket())
+        if plant_old_future:  # the old design: a hand-made future filled from a then callback
+            old = torch.futures.Future()
+            fut.then(lambda f: old.set_result(f.value()))
+            fut = old
+        value = fut.wait()  # as DDP's reducer, then its copy on the default stream
+        read = value.clone()
+        own_sq = state._sums["m"][0].clone()
+        torch.cuda.synchronize()
+    finally:
+        for p in patches:
+            p.stop()
+    expected = grad * (1.0 / world) + contribution["world"]
+    h_own = (grad + others[-1]) / 2
+    # rank 3 is the second of its half: it takes the second half of every parameter's elements
+    expected_sq, offset = 0.0, 0
+    for p in params:
+        n = p.numel()
+        expected_sq += float(h_own[offset + n // 2:offset + n].double().square().sum())
+        offset += n
+    ok_value = bool(torch.equal(read, expected))
+    ok_stats = abs(float(own_sq) - expected_sq) <= 1e-5 * expected_sq
+    detail = (f"{'old hand-made future planted; ' if plant_old_future else ''}value read after wait(): "
+              f"{'the expected mean' if ok_value else 'NOT the expected mean (read before the collective finished)'}, "
+              f"max |diff| {float((read - expected).abs().max()):.3g}; statistics saw the half sum: {ok_stats}")
+    return ok_value and ok_stats, detail, {}
+
+
 # ------------------------------------------------------------------------------ full scale
 def check_fullscale(amp: bool, iters: int = 6, device: str = "cuda", size=(800, 1216)) -> tuple:
     import torch
@@ -299,10 +408,26 @@ def check_fullscale(amp: bool, iters: int = 6, device: str = "cuda", size=(800, 
 
 
 # ------------------------------------------------------------------------------ main
+def check_amp_mu() -> tuple:
+    """The pytest test of an AMP estimate iteration whose plain pass overflows (the GradScaler
+    skips the step: μ must stay), on CUDA (float16 autocast, CUDA GradScaler)."""
+    import subprocess
+
+    test = "tests/test_step_safety.py::test_amp_plain_pass_overflow_leaves_mu_unchanged[cuda]"
+    proc = subprocess.run([sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", "-rs"], cwd=ROOT,
+                          capture_output=True, text=True)
+    last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    ok = proc.returncode == 0 and "1 passed" in last
+    return ok, f"{test}: {last}", {} if ok else {"traceback": proc.stdout[-4000:] + proc.stderr[-2000:]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--only", default="hook,nccl,fullscale", help="comma-separated subset of hook,nccl,fullscale")
+    parser.add_argument("--only", default="stream,amp,hook,nccl,fullscale",
+                        help="comma-separated subset of stream,amp,hook,nccl,fullscale")
+    parser.add_argument("--plant-old-future", action="store_true",
+                        help="stream check: return the old hand-made future (the check must then FAIL)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_check"))
     args = parser.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -341,6 +466,16 @@ def main(argv=None) -> int:
         lines.append(line)
         results[name] = {"ok": None, "detail": why}
 
+    if "stream" in only:
+        if args.device != "cuda":
+            skip("stream", "needs CUDA")
+        else:
+            report("stream", lambda: check_stream(args.plant_old_future))
+    if "amp" in only:
+        if args.device != "cuda":
+            skip("amp", "needs CUDA")
+        else:
+            report("amp[plain-pass overflow leaves μ]", check_amp_mu)
     if "hook" in only:
         backend = "cuda:gloo" if args.device == "cuda" else "gloo"
         for amp in ([False, True] if args.device == "cuda" else [False]):

@@ -47,8 +47,11 @@ def make_optimizer(groups, adam=False):
 
 def run(rank, world, port, out_dir, iters, interval, mode):
     """mode: "hook" (AGVM with the comm hook), "hook_plain" (hook, never estimating),
+    "hook_measure" (hook estimating on AGVM iterations, AGVM with ``measure_only``: μ stays 1),
     "hook_fp16" (AGVM, fp16-compressed ordinary iterations), "hook_adam" (AdamW, Φ on
-    Adam-preconditioned half means), "ddp" (plain DDP, no hook)."""
+    Adam-preconditioned half means), "hook_sub" (as "hook" on the sub-group of global ranks
+    1..W−1 of a world of W; rank 0 only waits), "ddp" (plain DDP, no hook). Writes
+    ``{mode}_{group rank}.pt``."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from agvm.core.optim import AGVM
@@ -56,14 +59,23 @@ def run(rank, world, port, out_dir, iters, interval, mode):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    group = None
+    if mode == "hook_sub":
+        group = dist.new_group(list(range(1, world)))  # every rank of the job enters new_group
+        if rank == 0:  # outside the group: never builds the hook, only waits for the others
+            dist.barrier()
+            dist.destroy_process_group()
+            return
+        rank, world = dist.get_rank(group), world - 1
     net, groups = make()
     # tiny buckets: several buckets per backward, so the ordering hazard would show
-    ddp = DDP(net, bucket_cap_mb=0.002)
-    opt = AGVM(make_optimizer(groups, mode == "hook_adam"), interval=interval, clamp=None)
+    ddp = DDP(net, bucket_cap_mb=0.002, process_group=group)
+    opt = AGVM(make_optimizer(groups, mode == "hook_adam"), interval=interval, clamp=None,
+               measure_only=mode == "hook_measure")
     state = None
     if mode != "ddp":
         module_of = {p: g["agvm_module"] for g in groups for p in g["params"]}
-        state = AGVMHookState(module_of, ["backbone", "head"], compress_fp16=mode == "hook_fp16",
+        state = AGVMHookState(module_of, ["backbone", "head"], process_group=group, compress_fp16=mode == "hook_fp16",
                               precondition=opt.preconditioner() if opt.precondition else None)
         ddp.register_comm_hook(state, agvm_comm_hook)
     phis, mus, extra = {}, {}, []
@@ -71,7 +83,7 @@ def run(rank, world, port, out_dir, iters, interval, mode):
         x, y = global_batch(it, world)
         xs, ys = x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK]
         opt.zero_grad()
-        estimate = mode in ("hook", "hook_fp16", "hook_adam") and opt.should_estimate(it)
+        estimate = mode not in ("ddp", "hook_plain") and opt.should_estimate(it)
         if state is not None:
             state.estimate = estimate
         nn.functional.mse_loss(ddp(xs), ys).backward()
@@ -117,6 +129,10 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
     ]
     if mode == "agvm_inf":
         opts[opts.index("SOLVER.CHECKPOINT_PERIOD") + 1] = "1"
+    if mode in ("plain", "stock"):
+        # AGVMTrainer's loader draws each image's augmentation from its own seed (exact resume),
+        # not stock's flips; without flips the images are stock's
+        opts += ["INPUT.RANDOM_FLIP", "none"]
     cfg = setup_cfg(default_argument_parser().parse_args(["--config-file", MINI_AGVM, *opts]))
     if mode == "stock":
         with _cpu_capable_ddp():

@@ -35,3 +35,16 @@ def test_gpu_check_refuses_cuda_without_gpu(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 1 and "FAIL setup" in res.stdout
+
+
+def test_gpu_check_stream_part_skips_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--device", "cpu", "--only", "stream",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0 and "SKIP stream: needs CUDA" in res.stdout, res.stdout + res.stderr[-3000:]

@@ -1,6 +1,9 @@
-"""Device follows data: the code of agvm/ that issues collectives creates no tensor without an
-explicit ``device=`` (NCCL has no CPU backend; CI has no GPU, so this static check is the guard
-it can hold; scripts/gpu_check.py runs the real thing on a GPU)."""
+"""Device follows data, and streams follow futures: the code of agvm/ that issues collectives
+creates no tensor without an explicit ``device=`` (NCCL has no CPU backend) and no
+``torch.futures.Future`` without ``devices=`` (a hand-made future records no CUDA events, so DDP
+may read a bucket before NCCL wrote it; return ``then`` child futures instead). CI has no GPU, so
+these static checks are the guard it can hold; scripts/gpu_check.py runs the real thing on a GPU
+(``--only stream`` for the futures)."""
 
 import ast
 import pathlib
@@ -33,6 +36,17 @@ def _undeviced_factories(tree):
     return bad
 
 
+def _deviceless_futures(tree):
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        if name == "Future" and not any(k.arg == "devices" for k in node.keywords):
+            bad.append(f"line {node.lineno}: Future(...)")
+    return bad
+
+
 def test_collective_code_is_found():
     names = {p.relative_to(ROOT).as_posix() for p, _ in _collective_files()}
     assert "distributed/hook.py" in names, names
@@ -46,3 +60,14 @@ def test_every_tensor_factory_names_its_device(path, tree):
 def test_the_check_can_fail():
     tree = ast.parse("import torch\nt = torch.zeros(3, dtype=torch.float64)\nu = torch.zeros(3, device=x.device)\n")
     assert _undeviced_factories(tree) == ["line 2: torch.zeros(...)"]
+
+
+@pytest.mark.parametrize("path, tree", _collective_files(), ids=lambda v: getattr(v, "name", ""))
+def test_no_future_without_devices(path, tree):
+    assert _deviceless_futures(tree) == [], f"{path}: hand-made futures without devices= (return a then child)"
+
+
+def test_the_future_check_can_fail():
+    tree = ast.parse("import torch\nfrom torch.futures import Future\na = torch.futures.Future()\nb = Future()\n"
+                     "c = torch.futures.Future(devices=[buf.device])\nd = fut.then(f)\n")
+    assert _deviceless_futures(tree) == ["line 3: Future(...)", "line 4: Future(...)"]

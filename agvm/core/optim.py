@@ -271,26 +271,37 @@ class AGVM(Optimizer):
         return {"phi": phi, "mu": mu}
 
     def preconditioner(self, grad_scale: float = 1.0):
-        """``f(param, grad, index) -> g / (sqrt(β2·v + (1 − β2)·g²) + ε)``: the Adam
-        preconditioning of a half-batch gradient ``grad`` (flat, any float dtype) of ``param``'s
-        elements ``index`` (a slice; ``slice(None)`` = all), with v the optimizer's current second
-        moment (``exp_avg_sq``; none yet = 0) and β2, ε of ``param``'s group. ``grad`` is first
-        multiplied by ``grad_scale`` (1 / loss scale under AMP). Used by :meth:`finish_second_half`
-        and by the DDP comm hook."""
+        """``f(param, grad, index, out=None) -> g / (sqrt(β2·v + (1 − β2)·g²) + ε)``: the Adam
+        preconditioning of a half-batch gradient ``grad`` (flat, any float dtype; computed in that
+        dtype) of ``param``'s elements ``index`` (a slice; ``slice(None)`` = all), with v the
+        optimizer's current second moment (``exp_avg_sq``; none yet = 0) and β2, ε of
+        ``param``'s group. ``grad`` is first multiplied by ``grad_scale`` (1 / loss scale under
+        AMP). ``out`` (may be ``grad`` itself) receives the result. Used by
+        :meth:`finish_second_half` and by the DDP comm hook (which reads ``v``, β2 and ε through
+        the function's ``second_moment(param)`` attribute; ``grad_scale`` is its attribute too)."""
         group_of = {p: g for g in self.param_groups for p in g["params"]}
 
-        def precondition(p: torch.Tensor, grad: torch.Tensor, index: slice = slice(None)) -> torch.Tensor:
+        def precondition(p: torch.Tensor, grad: torch.Tensor, index: slice = slice(None),
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
             if grad_scale != 1.0:
                 grad = grad * grad_scale
             group = group_of[p]
             beta2 = group["betas"][1]
             eps = group.get("eps", 1e-8)
             v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
-            second = (1.0 - beta2) * grad * grad
+            denom = torch.mul(grad, 1.0 - beta2).mul_(grad)  # (1 − β2)·g², one temporary
             if v is not None:
-                second = second + beta2 * v.reshape(-1)[index].to(grad.dtype)
-            return grad / (second.sqrt() + eps)
+                denom.add_(v.reshape(-1)[index].to(grad.dtype), alpha=beta2)
+            return torch.div(grad, denom.sqrt_().add_(eps), out=out)
 
+        def second_moment(p: torch.Tensor):
+            """``(v or None, β2, ε)`` of ``param``: what ``precondition`` uses (the DDP comm hook
+            applies the same formula itself, fused, block by block)."""
+            group = group_of[p]
+            return self.optimizer.state.get(p, {}).get("exp_avg_sq"), group["betas"][1], group.get("eps", 1e-8)
+
+        precondition.second_moment = second_moment
+        precondition.grad_scale = grad_scale
         return precondition
 
     def _transform(self, params: Iterable[torch.Tensor], grad_scale: float = 1.0):

@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 
 import torch
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer
 from detectron2.engine.defaults import default_writers
-from detectron2.engine.hooks import PeriodicWriter
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter
 from torch.nn.parallel import DistributedDataParallel
@@ -25,7 +27,8 @@ from .build import build_agvm_optimizer
 from .checkpoint import SafeCheckpointer
 from .checks import validate_config
 from .cli import build_evaluator
-from .resume import ResumableTrainingSampler, _find_sampler, _share_iterator
+from .loader import ResumableTrainLoader
+from .resume import RankRNG, _find_sampler, _share_iterator
 from .train_loop import AGVMStepTrainer
 from .writers import ExactJSONWriter, ExactTensorboardWriter, truncate_metrics
 
@@ -48,9 +51,19 @@ class Trainer(DefaultTrainer):
 
 class AGVMTrainer(Trainer):
     """The trainer of every project: AGVM optimizer (``build_agvm_optimizer``), the AGVM step
-    (:class:`AGVMStepTrainer`), exact Φ/μ/lr logging, and exact resume (optimizer with μ, data
-    position and RNG state). With ``SOLVER.AGVM.ENABLED`` False it trains like detectron2's
-    DefaultTrainer, plus ``SOLVER.OPTIMIZER``, ``GRAD_ACCUM_STEPS`` and the clipping window.
+    (:class:`AGVMStepTrainer`), exact Φ/μ/lr logging, and exact resume. With
+    ``SOLVER.AGVM.ENABLED`` False it trains like detectron2's DefaultTrainer, plus
+    ``SOLVER.OPTIMIZER``, ``GRAD_ACCUM_STEPS`` and the clipping window.
+
+    Exact resume (``--resume`` from a checkpoint of the same world size and config, with
+    detectron2's ``TrainingSampler``): every iteration after the checkpoint reads the same
+    images in the same batches on every rank, with the same augmentations, whatever
+    ``DATALOADER.NUM_WORKERS`` and ``ASPECT_RATIO_GROUPING`` (:mod:`.loader`); every rank
+    continues its own RNG stream (:class:`.resume.RankRNG`); optimizer, μ, grad scaler and
+    scheduler continue. Not covered: other samplers (``RepeatFactorTrainingSampler`` …: same
+    images skipped by count, augmentations re-drawn; a warning says so), a resume at another
+    world size or batch size (warned), and the RNG draws of anything that runs in a hook after
+    the checkpoint hook of the same iteration (e.g. an evaluation on that iteration).
     """
 
     def __init__(self, cfg):
@@ -86,8 +99,17 @@ class AGVMTrainer(Trainer):
         self.checkpointer = SafeCheckpointer(old.model, self.cfg.OUTPUT_DIR, save_to_disk=old.save_to_disk,
                                              **old.checkpointables)
         hooks_ = super().build_hooks()
+        if not comm.is_main_process():
+            # detectron2 checkpoints on rank 0 only; the other ranks save their own RNG files
+            # (SafeCheckpointer.save without save_to_disk) at the same iterations, at the same
+            # place among the hooks (before the evaluation)
+            at = next((i for i, h in enumerate(hooks_) if isinstance(h, EvalHook)), len(hooks_))
+            hooks_.insert(at, PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         self._periodic_writers = [h for h in hooks_ if isinstance(h, PeriodicWriter)]
         self.checkpointer.before_save = self._flush_metrics
+        # (called from DefaultTrainer.__init__, before the AGVM step replaces self._trainer)
+        me = weakref.ref(self)
+        self.checkpointer.per_rank = RankRNG(lambda: getattr(me()._trainer, "checkpoint_rng", None) if me() else None)
         return hooks_
 
     def _flush_metrics(self):
@@ -107,8 +129,20 @@ class AGVMTrainer(Trainer):
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
+    def build_train_mapper(cls, cfg):
+        """The train mapper of :meth:`build_train_loader` (default detectron2's
+        ``DatasetMapper(cfg, True)``, as stock)."""
+        return DatasetMapper(cfg, True)
+
+    @classmethod
     def build_train_loader(cls, cfg):
+        """With ``DATALOADER.SAMPLER_TRAIN`` "TrainingSampler": a
+        :class:`~agvm.detectron2.loader.ResumableTrainLoader` (stock detectron2's images and
+        batches, exactly resumable; see :mod:`agvm.detectron2.loader`). Other samplers:
+        detectron2's loader, whose resume is not exact (warned)."""
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logger.warning(f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r}: detectron2's train loader; a "
+                           "resumed run skips images by count and re-draws augmentations (not an exact resume)")
             return super().build_train_loader(cfg)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
@@ -116,7 +150,14 @@ class AGVMTrainer(Trainer):
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        return build_detection_train_loader(cfg, dataset=dataset, sampler=ResumableTrainingSampler(len(dataset)))
+        world = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world:
+            raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the {world} processes")
+        mapper = cls.build_train_mapper(cfg)
+        return ResumableTrainLoader(
+            dataset, mapper, _stock_training_sampler(cfg, dataset, mapper), cfg.SOLVER.IMS_PER_BATCH // world,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     def build_writers(self):
         writers = []
@@ -137,6 +178,9 @@ class AGVMTrainer(Trainer):
         # scaler); main does. Save it either way.
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            ret["data_loader"] = loader.state_dict()  # the seed: a new one is drawn when SEED < 0
         return ret
 
     def load_state_dict(self, state_dict):
@@ -145,6 +189,13 @@ class AGVMTrainer(Trainer):
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("the checkpoint has no optimizer/AGVM state (written by a stock detectron2 0.6 trainer?)")
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            if "data_loader" in state_dict:
+                loader.load_state_dict(state_dict["data_loader"])
+            else:
+                logger.warning("the checkpoint has no train loader state (an older version): the data order after the "
+                               "resume is the uninterrupted run's only if the sampler seed is the same (SEED ≥ 0)")
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -159,7 +210,18 @@ class AGVMTrainer(Trainer):
                         log_dir = w._writer.log_dir
                         w.close()
                         hook._writers[i] = ExactTensorboardWriter(log_dir, purge_step=self.start_iter)
-        if self.start_iter > 0:
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            # the next batch is the uninterrupted run's batch start_iter (nothing mapped before it);
+            # the iterator is lazy and draws nothing from the global RNG
+            loader.start_batch = self.start_iter
+            _share_iterator(self._trainer, None)
+            if self.start_iter == 0:
+                # stock's loader draws its DataLoader's base seed from the global torch RNG on a
+                # run's first next(), before any forward; this one draws nothing: the same one
+                # draw here, so that the model's draws (RPN/RoI sampling) are stock's
+                torch.empty((), dtype=torch.int64).random_()
+        elif self.start_iter > 0:
             sampler = _find_sampler(self._trainer.data_loader)
             if sampler is None:
                 logger.warning("resuming with a sampler that cannot skip: the data order differs from an uninterrupted run")
@@ -188,6 +250,19 @@ def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM, compress_fp16: b
         + ("; Φ on Adam-preconditioned gradients" if agvm.precondition else "")
     )
     return state
+
+
+def _stock_training_sampler(cfg, dataset: list, mapper) -> TrainingSampler:
+    """detectron2's own ``TrainingSampler`` for ``dataset``, built as its train loader builds it
+    (``_train_loader_from_config``): on 0.6 seeded by ``comm.shared_random_seed()`` (one
+    ``np.random`` draw per rank), on main by ``cfg.SEED`` (-1 included). ``TrainingSampler(len(dataset))``
+    would draw a shared random seed on main too: other images than stock's, and one more numpy
+    draw (other flips)."""
+    from detectron2.data.build import _train_loader_from_config  # the same signature on 0.6 and main
+
+    sampler = _train_loader_from_config(cfg, mapper, dataset=dataset)["sampler"]
+    assert isinstance(sampler, TrainingSampler), type(sampler)
+    return sampler
 
 
 @contextlib.contextmanager

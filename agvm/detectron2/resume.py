@@ -1,17 +1,28 @@
-"""Exact resume: RNG states, the data position (a sampler that skips), the data iterator."""
+"""Exact resume: each rank's RNG state (:class:`RankRNG`), the data iterator.
+
+The data position is the train loader's (:class:`agvm.detectron2.loader.ResumableTrainLoader`,
+started at the resumed iteration's batch). :class:`ResumableTrainingSampler` (skip the first
+``iteration × per-rank batch`` indices) is kept for code that builds its own loader; it is exact
+only without aspect-ratio grouping (or with images of one orientation).
+"""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
 
-__all__ = ["ResumableTrainingSampler", "set_data_iterator"]
+__all__ = ["RankRNG", "ResumableTrainingSampler", "set_data_iterator"]
+
+logger = logging.getLogger(__name__)
 
 
 def _rng_state() -> dict:
@@ -35,6 +46,50 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RankRNG:
+    """This rank's RNG states (torch CPU and CUDA, numpy, Python), saved by every rank beside
+    each checkpoint (:attr:`agvm.detectron2.checkpoint.SafeCheckpointer.per_rank`) and restored by
+    every rank from its own file on resume.
+
+    Guaranteed: after a resume at the same world size every rank continues its own random
+    stream, as in the uninterrupted run (RPN/RoI sampling and any other draw of the model).
+    A resume at another world size restores the ranks that have a file and warns; a rank
+    without one (a new rank, a checkpoint written by rank 0 alone, an older checkpoint) keeps
+    the fresh stream it was seeded with (``SEED + rank``) and warns: it never takes rank 0's
+    stream. Rank 0 then falls back on the rank-0 copy inside the checkpoint, if any
+    (``rank0_copy``: a callable returning it or None).
+    """
+
+    def __init__(self, rank0_copy: Optional[Callable[[], Optional[dict]]] = None):
+        self.rank0_copy = rank0_copy
+
+    def state_dict(self) -> dict:
+        return {"rank": comm.get_rank(), "world_size": comm.get_world_size(), "rng": _rng_state()}
+
+    def load_state_dict(self, state: Optional[dict], checkpoint: str) -> None:
+        rank, world = comm.get_rank(), comm.get_world_size()
+        if state is not None and state.get("rank") == rank:
+            _set_rng_state(state["rng"])
+            if state.get("world_size") != world and rank == 0:
+                _warn(f"{checkpoint} was written by {state.get('world_size')} ranks and is resumed on {world}: the ranks "
+                      "that have a saved RNG state continue it, the others start fresh streams; the run is not an "
+                      "exact continuation")
+            return
+        copy = self.rank0_copy() if (rank == 0 and self.rank0_copy is not None) else None
+        if copy is not None:
+            _set_rng_state(copy)
+            logger.info(f"rank 0: no per-rank RNG file for {checkpoint}; restored the checkpoint's rank-0 copy")
+            return
+        _warn(f"rank {rank}: no saved RNG state for this rank beside {checkpoint} (written at another world size, by "
+              "rank 0 alone, or by an older version): this rank keeps its own fresh RNG stream (not rank 0's); "
+              "its random draws differ from the uninterrupted run's")
+
+
+def _warn(message: str) -> None:
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class ResumableTrainingSampler(TrainingSampler):

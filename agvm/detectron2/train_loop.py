@@ -11,7 +11,8 @@ statistics, loss normalisers and RNG afterwards are those of a run without AGVM 
   them). Each micro-batch has its own BN batch statistics, as in plain accumulation.
 - k odd (1 included): two extra passes before the plain one, each over half of the batch (in
   k micro-batches of half the size), inside :func:`agvm.core.preserved_state` (buffers, Python
-  number attributes such as RetinaNet's ``loss_normalizer``, RNG put back) and a throw-away
+  number attributes such as RetinaNet's ``loss_normalizer``, the model's own generators and the
+  global RNG put back; containers changed in place reported) and a throw-away
   EventStorage (their losses are not logged). BN normalises each half with its own batch
   statistics: Φ is what 2-rank DDP without SyncBN would measure. Cost: about one extra plain
   iteration per AGVM iteration.
@@ -86,18 +87,33 @@ class AGVMStepTrainer(SimpleTrainer):
         accum_steps: micro-batches per iteration (``SOLVER.GRAD_ACCUM_STEPS``).
         clip: ``None`` or ``(clip_fn(params), (start, end))``: gradient clipping applied on
             iterations in [start, end] ((-1, -1) = always).
-        amp: use CUDA autocast and a GradScaler (detectron2's AMPTrainer path); Φ is taken
-            from unscaled gradients and an overflowed step does not update μ.
+        amp: use autocast and a GradScaler (detectron2's AMPTrainer path) on the device of the
+            model's parameters (autocast's default dtype there: float16 on CUDA, bfloat16 on
+            CPU; ``grad_scaler`` None: a ``torch.amp.GradScaler`` for that device). Φ is taken
+            from unscaled gradients. An estimate iteration whose step the GradScaler skips
+            (an inf/NaN in the half passes or in the plain pass; detected by the scale going
+            down in ``update()``) leaves μ unchanged: the modulator is put back to its state
+            before the iteration and the estimate is recorded as skipped
+            (``modulator.skip``: Φ NaN, counted in ``agvm/skipped``), as a skipped
+            non-finite step without AMP is. (The config still requires CUDA for AMP.)
         sam_rho: run SAM (Foret et al., ICLR 2021) with this radius instead of a plain step:
-            gradient g, ascend to w + ρ·g/‖g‖, gradient there, back to w, step with it. Under
-            DDP the first pass does not synchronise; BN running statistics are updated by the
-            first pass only. None (default): no SAM.
+            gradient g, ascend to w + ρ·g/‖g‖ (‖g‖ summed in float64), gradient there, back to
+            w, step with it. The weights are put back by copy (saved before the ascent), so
+            they are bit for bit those before the ascent: under DDP each rank ascends along
+            its own unsynchronised gradient, and ranks stay bit-identical. Under DDP the first
+            pass does not synchronise; BN running statistics are updated by the first pass
+            only. A non-finite ascent gradient (no direction to ascend) skips the step and
+            counts as a non-finite step (under DDP the verdict is all-reduced, so every rank
+            skips alike); a non-finite gradient at the shifted point skips it too. None
+            (default): no SAM.
         max_nonfinite: steps whose gradient holds a NaN/inf are skipped (without AMP; with AMP
             the GradScaler skips them): no parameter, optimizer or μ change, counted in
             ``nonfinite/skipped_steps``; after this many in a row (default 5,
             ``SOLVER.MAX_CONSECUTIVE_NONFINITE``) training stops with ``FloatingPointError``.
             Under DDP the reduced gradients are bit-identical on every rank, so all ranks
-            decide alike.
+            decide alike. Both counters (``nonfinite_run``, in a row, and
+            ``nonfinite_total``) are in :meth:`state_dict`: a resumed run stops where the
+            uninterrupted one would.
     """
 
     def __init__(self, model, data_loader, optimizer, accum_steps=1, clip=None, amp=False, grad_scaler=None,
@@ -114,8 +130,11 @@ class AGVMStepTrainer(SimpleTrainer):
         self.accum_steps = accum_steps
         self.clip = clip
         self.amp = amp
+        # autocast and the GradScaler follow the parameters' device (CUDA by default)
+        first = next(iter(_unwrap(model).parameters()), None)
+        self.amp_device = first.device.type if first is not None else "cuda"
         if amp and grad_scaler is None:
-            grad_scaler = torch.amp.GradScaler("cuda")
+            grad_scaler = torch.amp.GradScaler(self.amp_device)
         self.grad_scaler = grad_scaler
         # set on resume: the torch RNG state to put back after the next data fetch
         self.restore_torch_rng_after_next = None
@@ -126,7 +145,7 @@ class AGVMStepTrainer(SimpleTrainer):
 
     def _forward(self, items):
         if self.amp:
-            with torch.autocast("cuda"):
+            with torch.autocast(self.amp_device):
                 loss_dict = self.model(items)
         else:
             loss_dict = self.model(items)
@@ -185,50 +204,71 @@ class AGVMStepTrainer(SimpleTrainer):
         elif halves == "ranks":
             out = agvm.update_from_stats(iteration, self.hook_state.finish(), skip_if_nonfinite=self.amp)
         finite = self.amp or self._gradients_finite(iteration)
+        self._write_metrics(totals, data_time)
+        if finite:
+            self._clip(iteration)
+            if self.amp:
+                scale = self._loss_scale()
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+                # the GradScaler lowers its scale (backoff_factor < 1) exactly when it found an
+                # inf/NaN and skipped the step
+                finite = self._loss_scale() >= scale
+            else:
+                self.optimizer.step()
         if out is not None:
             if not finite:  # μ untouched: as if this estimate had not happened, counted as skipped
                 agvm.modulator.load_state_dict(modulator_before)
                 agvm.modulator.skip(iteration)
                 out = {"phi": {m: float("nan") for m in agvm.modulator.modules}, "mu": dict(agvm.modulator.mu)}
             self._log_agvm(out)
-        self._write_metrics(totals, data_time)
         if not finite:
             self.optimizer.zero_grad()
-            return
-        self._clip(iteration)
-        if self.amp:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
 
-    def _gradients_finite(self, iteration) -> bool:
+    def _gradients_finite(self, iteration, what="gradient", across_ranks=False, final=True) -> bool:
         """Whether every gradient is finite; counts and logs skipped steps, and raises after
-        ``max_nonfinite`` in a row."""
+        ``max_nonfinite`` in a row.
+
+        ``across_ranks``: the gradients are this rank's own (not reduced by DDP): under DDP the
+        verdict is all-reduced (any rank non-finite → non-finite on all), so every rank
+        decides alike. ``final``: this check decides the step (a finite verdict ends a run of
+        skipped steps); False for a check that another check of the same step follows (SAM's
+        ascent gradient), where only a non-finite verdict counts."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         # the max-abs norm: NaN/inf propagate, and large finite gradients cannot overflow (an L2
         # norm squares them and overflows float32 from ~1e19 on: a false alarm)
         norms = torch._foreach_norm([p.grad for p in params], float("inf")) if params else []
         finite = not params or bool(torch.isfinite(torch.stack(norms)).all())
+        locally_finite = finite
+        if across_ranks and isinstance(self.model, DistributedDataParallel) and comm.get_world_size() > 1:
+            import torch.distributed as dist
+
+            # on the gradients' device: NCCL has no CPU tensors
+            device = params[0].grad.device if params else next(self.model.parameters()).device
+            flag = torch.tensor([0.0 if finite else 1.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.model.process_group)
+            finite = bool(flag.item() == 0.0)
         if finite:
-            self.nonfinite_run = 0
+            if final:
+                self.nonfinite_run = 0
         else:
             self.nonfinite_run += 1
             self.nonfinite_total += 1
             names = {p: n for n, p in _unwrap(self.model).named_parameters()}
             bad = [names.get(p, "?") for p in params if not bool(torch.isfinite(p.grad).all())]
+            where = f"in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}" if not locally_finite else "on another rank"
             logger.warning(
-                f"iteration {iteration}: non-finite gradient in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                f"iteration {iteration}: non-finite {what} {where}; "
                 f"step skipped ({self.nonfinite_run} in a row, {self.nonfinite_total} in total)"
             )
             if self.nonfinite_run >= self.max_nonfinite:
                 raise FloatingPointError(
-                    f"{self.nonfinite_run} consecutive iterations (the last {iteration}) had non-finite gradients, e.g. in "
-                    f"{', '.join(bad[:5])}: stopping (SOLVER.MAX_CONSECUTIVE_NONFINITE={self.max_nonfinite}). No step was "
+                    f"{self.nonfinite_run} consecutive iterations (the last {iteration}) had non-finite gradients, the last "
+                    f"a {what} {where}: stopping (SOLVER.MAX_CONSECUTIVE_NONFINITE={self.max_nonfinite}). No step was "
                     "taken on them, so the last checkpoint holds finite parameters; lower SOLVER.BASE_LR or enable "
                     "SOLVER.CLIP_GRADIENTS"
                 )
-        if comm.is_main_process():
+        if comm.is_main_process() and (final or not finite):
             get_event_storage().put_scalar("nonfinite/skipped_steps", self.nonfinite_total, smoothing_hint=False)
         return finite
 
@@ -260,7 +300,9 @@ class AGVMStepTrainer(SimpleTrainer):
     def _sam_step(self, data, data_time, iteration):
         """SAM over ``accum_steps`` micro-batches: the ascent gradient accumulated over all of
         them (not synchronised under DDP), the step's gradient at the shifted point accumulated
-        over the same micro-batches (BN statistics frozen; synchronised on the last one)."""
+        over the same micro-batches (BN statistics frozen; synchronised on the last one); the
+        weights copied back from before the ascent; each gradient checked for non-finite
+        values (either one non-finite skips the step, counted once)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         k = self.accum_steps
         chunks = [items for _, items in split_batch(data, k, halves=False)]
@@ -274,24 +316,36 @@ class AGVMStepTrainer(SimpleTrainer):
                 for name, v in loss_dict.items():
                     totals[name] = totals.get(name, 0.0) + v.detach() / k
         self._write_metrics(totals, data_time)
+        # a non-finite ascent gradient gives no direction to ascend: skip the step (counted);
+        # each rank's ascent gradient is its own, so the verdict is all-reduced under DDP
+        if not self._gradients_finite(iteration, what="SAM ascent gradient", across_ranks=True, final=False):
+            self.optimizer.zero_grad()
+            return
         with torch.no_grad():
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
-            scale = self.sam_rho / (float(norm) + 1e-12)
-            shifts = {}
-            for p in params:
-                if p.grad is not None:
-                    shifts[p] = p.grad * scale
-                    p.add_(shifts[p])
+            shifted = [p for p in params if p.grad is not None]
+            # put back by copy: w + e − e is not w in floating point, and under DDP a rank-local
+            # residue would never be re-synchronised
+            saved = [p.detach().clone() for p in shifted]
+            # in float64: the squares of large finite float32 gradients would overflow
+            norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in shifted]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+            scale = self.sam_rho / (norm + 1e-12)
+            for p in shifted:
+                p.add_(p.grad * scale)
         self.optimizer.zero_grad()
-        with _frozen_bn_stats(self.model):
-            for index, items in enumerate(chunks):
-                last = index == k - 1
-                with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
-                    (sum(self._forward(items).values()) / k).backward()
-        with torch.no_grad():
-            for p, e in shifts.items():
-                p.sub_(e)
+        try:
+            with _frozen_bn_stats(self.model):
+                for index, items in enumerate(chunks):
+                    last = index == k - 1
+                    with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+                        (sum(self._forward(items).values()) / k).backward()
+        finally:
+            with torch.no_grad():
+                for p, w in zip(shifted, saved):
+                    p.copy_(w)
+        if not self._gradients_finite(iteration):
+            self.optimizer.zero_grad()
+            return
         self._clip(iteration)
         self.optimizer.step()
 
@@ -327,15 +381,20 @@ class AGVMStepTrainer(SimpleTrainer):
         ret = super().state_dict()
         ret["rng"] = _rng_state()
         ret["nonfinite_total"] = self.nonfinite_total
+        ret["nonfinite_run"] = self.nonfinite_run  # skipped steps in a row (MAX_CONSECUTIVE_NONFINITE)
         if self.grad_scaler is not None:
             ret["grad_scaler"] = self.grad_scaler.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if "rng" in state_dict:
-            _set_rng_state(state_dict["rng"])
+        # "rng" is the state of the rank that wrote the checkpoint (rank 0): only rank 0 takes it.
+        # Every rank's own state comes from its file beside the checkpoint (resume.RankRNG).
+        self.checkpoint_rng = state_dict.get("rng")
+        if self.checkpoint_rng is not None and comm.get_rank() == 0:
+            _set_rng_state(self.checkpoint_rng)
         self.nonfinite_total = int(state_dict.get("nonfinite_total", 0))
+        self.nonfinite_run = int(state_dict.get("nonfinite_run", 0))
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
