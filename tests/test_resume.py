@@ -1,6 +1,7 @@
 """Exact resume: the train loader (stock batches, any number of workers, start at any batch),
 each rank's own RNG state beside each checkpoint, and a 2-rank job SIGKILLed and resumed."""
 
+import inspect
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 from detectron2.data import build_detection_train_loader
+from detectron2.data.common import ToIterableDataset
 from detectron2.data.samplers import TrainingSampler
 
 import resume_worker
@@ -71,6 +73,9 @@ def test_same_batches_as_detectron2(grouping, stock_workers, rank):
     """The images and batches of detectron2's stock train loader (TrainingSampler, same seed),
     on rank 0 and on rank 1 of a 2-rank job; with grouping whatever stock's worker count (stock
     batches each worker's strided share without grouping: the 0-worker batches are the ones kept)."""
+    if stock_workers and "shard_chunk_size" in inspect.signature(ToIterableDataset).parameters:
+        pytest.skip("detectron2 main hands each worker batch-sized chunks of the sampler, so its stock image order "
+                    "depends on NUM_WORKERS; ours is the 0-worker order (the stock_workers=0 cases compare it)")
     stock = build_detection_train_loader(
         dataset=_dicts(), mapper=record, sampler=_sampler(rank=rank, world=2), total_batch_size=3,
         aspect_ratio_grouping=grouping, num_workers=stock_workers,

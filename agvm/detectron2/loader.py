@@ -13,7 +13,9 @@ How:
   a batch emitted when its bucket is full: what ``AspectRatioGroupedDataset`` does after
   mapping, so the same images in the same batches as stock, with any number of workers).
   Without grouping, consecutive chunks of the stream (stock's batches with 0 workers; stock
-  with N workers batches each worker's strided share instead).
+  with N workers batches each worker's strided share instead). On detectron2 main, stock
+  hands each worker batch-sized chunks of the sampler, so its order with N > 0 workers depends
+  on N; this loader keeps the 0-worker order on both routes.
 - **Workers shard batches.** Worker ``w`` of ``N`` maps batches ``w, w+N, …``; torch's
   DataLoader returns them round-robin, so the order does not depend on ``N``.
 - **Augmentation randomness per item.** Each item is mapped with the global torch (CPU),
