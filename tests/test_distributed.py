@@ -4,6 +4,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -165,6 +166,17 @@ def test_hook_on_a_sub_group(tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _fake_process_group(monkeypatch, world, rank, all_reduce):
+    """Make this process rank ``rank`` of a fake ``world``-rank group whose collectives are
+    ``all_reduce`` (half groups are named ``("half", ranks)``)."""
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: list(range(world)))
+    monkeypatch.setattr(dist, "get_group_rank", lambda group, r: r)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: ("half", tuple(ranks)))
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+
+
 class _Work:
     """A collective's work whose future the test completes by hand."""
 
@@ -206,7 +218,6 @@ def test_agvm_iteration_returns_the_then_child_of_the_world_future(world, rank, 
     import threading
     import time
 
-    import torch.distributed as dist
 
     from agvm.distributed import AGVMHookState, agvm_comm_hook
 
@@ -225,12 +236,7 @@ def test_agvm_iteration_returns_the_then_child_of_the_world_future(world, rank, 
         issued.append((tensor, group, fut))
         return _Work(fut)
 
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
-    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: list(range(world)))
-    monkeypatch.setattr(dist, "get_group_rank", lambda group, r: r)
-    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: ("half", tuple(ranks)))
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    _fake_process_group(monkeypatch, world, rank, all_reduce)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
     for p in params:
@@ -305,7 +311,6 @@ def test_statistics_do_not_depend_on_the_bucket_layout(world, rank, adam, monkey
     modules interleaved) give bit-identical per-module sums on this rank (what it adds to the
     all-reduce of :meth:`finish`): a resumed run, whose first iteration uses DDP's initial
     layout, continues exactly. One process, the collectives faked."""
-    import torch.distributed as dist
 
     from agvm.core.optim import AGVM
     from agvm.distributed import AGVMHookState, agvm_comm_hook
@@ -341,12 +346,7 @@ def test_statistics_do_not_depend_on_the_bucket_layout(world, rank, adam, monkey
         fut.set_result([tensor])
         return _Work(fut)
 
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
-    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
-    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: list(range(world)))
-    monkeypatch.setattr(dist, "get_group_rank", lambda group, r: r)
-    monkeypatch.setattr(dist, "new_group", lambda ranks, **kw: ("half", tuple(ranks)))
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    _fake_process_group(monkeypatch, world, rank, all_reduce)
     results, world_means = [], []
     for layout in LAYOUTS:
         state = AGVMHookState(dict(zip(params, MODULE)), ["backbone", "head"], process_group="world",

@@ -56,3 +56,20 @@ def test_paired_difference():
     assert out["per_seed"] == {0: 1.0, 1: -0.5, 2: 29.0}  # seed 3 unpaired; the diverged twin counts as 0
     assert out["ahead"] == 2 and out["seeds"] == 3
     assert out["mean"] == pytest.approx(29.5 / 3)
+
+
+def test_stage1_report_regenerates_from_the_committed_records(tmp_path):
+    """`scripts/evidence.py --report-only` on a copy of the committed run records writes the
+    committed results/evidence/stage1.md byte for byte (no clock, no machine state in it)."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    committed = root / "results" / "evidence"
+    copy = tmp_path / "evidence"
+    shutil.copytree(committed / "runs", copy / "runs")
+    subprocess.run([sys.executable, str(root / "scripts" / "evidence.py"), "--report-only", "--records", str(copy)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    assert (copy / "stage1.md").read_text() == (committed / "stage1.md").read_text()
