@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The evidence experiment, stage 1: choose a regime from baseline runs only.
+"""The evidence experiment: stage 1 chooses a regime from baseline runs only, stage 2 compares.
 
 The protocol is ``results/evidence/protocol.md`` (written before any stage-2 run). Stage 1
 trains only baselines (SGD, no AGVM, no twin) of the mini Faster R-CNN from the pretrained mini
@@ -17,7 +17,16 @@ exists with an exit code and the same config fingerprint is reused, so the plan 
 later call extends it; ``--report-only`` rewrites ``results/evidence/stage1.md`` from the
 committed records alone (byte-for-byte the same for the same records).
 
+Stage 2 (``--stage 2 --regime NAME``, the regime stage 1 accepted, or the one that came
+closest) runs once, with the stage-1 settings: B0 (MegDet), 4·B0 and 16·B0 (MegDet with the
+linear rule; AGVM's μ = 1 twin and AGVM with the square-root rule, the same warm-up, clip window
+(0, 2·warm-up) and τ; α = 0.97), on the given seeds; at 16·B0 also α × τ and the anchor
+ablation (seed 0). Its records go to ``results/evidence/runs/stage2/<regime>/`` and its report
+to ``results/evidence/stage2.md`` (per cell mean ± std, divergences, the paired AGVM − twin
+difference per seed).
+
     python scripts/evidence.py [--regimes r64_1600x8] [--seeds 0 1 2] [--jobs 2] [--dry-run] [--report-only]
+    python scripts/evidence.py --stage 2 --regime r64_1600x8_late [--seeds 0 1 2] [--dry-run] [--report-only]
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from agvm.protocol import converged, degraded, mean_std  # noqa: E402
+from agvm.protocol import converged, degraded, mean_std, paired_difference  # noqa: E402
 from agvm.results import read_metrics, read_run  # noqa: E402
 from agvm.runner import config_fingerprint, run_all, run_logged, stale_reason  # noqa: E402
 
@@ -106,8 +115,151 @@ def plan(regimes: Sequence[str], seeds: Sequence[int]) -> List[Run]:
     return runs
 
 
-def command(run: Run, out: str) -> List[str]:
-    return [sys.executable, TRAIN_NET, "--config-file", CONFIG, "OUTPUT_DIR", out, *run.opts]
+# ------------------------------------------------------------------------------ stage 2
+STAGE2_CONFIGS = {  # method -> config; the plan sets batch, schedule, LR rule, τ, α, the clip window
+    "megdet": "projects/faster_rcnn/configs/mini/pretrained/megdet.yaml",
+    "twin": "projects/faster_rcnn/configs/mini/pretrained/b32_twin.yaml",  # MEASURE_ONLY: μ = 1
+    "agvm": "projects/faster_rcnn/configs/mini/pretrained/b32_agvm.yaml",
+}
+METHOD_LABELS = {"megdet": "MegDet (linear)", "twin": "μ = 1 twin (sqrt)", "agvm": "AGVM (sqrt)"}
+TAU, ALPHA = 2, 0.97  # the comparison's τ (≥ 100 estimates at 16·B0) and α (the paper's)
+GRID = [(a, t) for a in (0.0, 0.9, 0.97) for t in (2, 10)]  # α × τ at 16·B0, seed 0
+ANCHORS = ("neck", "box_head")  # besides the backbone (the main runs), seed 0
+
+
+@dataclass
+class Run2:
+    regime: str
+    group: str  # "scaling", "grid" or "anchor"
+    method: str
+    batch: int
+    seed: int
+    alpha: float = ALPHA
+    tau: int = TAU
+    anchor: str = "backbone"
+    opts: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        if self.group == "grid":
+            return f"grid/b{self.batch}_a{self.alpha:g}_t{self.tau}_s{self.seed}"
+        if self.group == "anchor":
+            return f"anchor/b{self.batch}_{self.anchor}_s{self.seed}"
+        return f"b{self.batch}_{self.method}_s{self.seed}"
+
+    @property
+    def path(self) -> str:
+        return f"stage2/{self.regime}/{self.name}"
+
+    @property
+    def config(self) -> str:
+        return STAGE2_CONFIGS[self.method]
+
+
+def stage2_opts(regime: dict, batch: int, method: str, seed: int, alpha: float = ALPHA, tau: int = TAU,
+                anchor: str = "backbone") -> List[str]:
+    """Stage 1's settings (run_opts) plus the method's: MegDet without AGVM (as in stage 1); the
+    twin and AGVM with the square-root rule, AGVM from the end of warm-up every τ iterations,
+    whole-model clipping over (0, 2·warm-up), α and the anchor."""
+    rule = "linear" if method == "megdet" else "sqrt"
+    opts = run_opts(regime, batch, rule, seed)
+    if method == "megdet":
+        return opts
+    warm = schedule(regime, batch)["warmup"]
+    opts[opts.index("SOLVER.AGVM.ENABLED") + 1] = "True"
+    return opts + ["SOLVER.AGVM.START_ITER", str(warm), "SOLVER.AGVM.INTERVAL", str(tau),
+                   "SOLVER.AGVM.MOMENTUM", str(alpha), "SOLVER.AGVM.ANCHOR", anchor,
+                   "SOLVER.CLIP_GRADIENTS.ITER_RANGE", f"(0, {2 * warm})"]
+
+
+def plan2(name: str, seeds: Sequence[int]) -> List[Run2]:
+    """The stage-2 runs of regime ``name``: the scaling grid (seed-major), then α × τ and the
+    anchors at 16·B0 on the first seed (the grid point α = 0.97, τ = 2 is the main AGVM run)."""
+    r = REGIMES[name]
+    b0, big = r["b0"], r["b0"] * r["factor"]
+    batches = (b0, b0 * r["factor"] // 4, big)
+    runs: List[Run2] = []
+    for seed in seeds:
+        for batch in batches:
+            for method in (["megdet"] if batch == b0 else ["megdet", "twin", "agvm"]):
+                runs.append(Run2(name, "scaling", method, batch, seed, opts=stage2_opts(r, batch, method, seed)))
+    first = min(seeds)
+    for alpha, tau in GRID:
+        if (alpha, tau) != (ALPHA, TAU):
+            runs.append(Run2(name, "grid", "agvm", big, first, alpha, tau,
+                             opts=stage2_opts(r, big, "agvm", first, alpha, tau)))
+    for anchor in ANCHORS:
+        runs.append(Run2(name, "anchor", "agvm", big, first, anchor=anchor,
+                         opts=stage2_opts(r, big, "agvm", first, anchor=anchor)))
+    return runs
+
+
+def _ap(run, records_root: str) -> Optional[float]:
+    """Box AP at the end for the statistics: a diverged run counts as 0, an unfinished one as None."""
+    res = result(run, records_root)
+    return res["ap"] if res["status"] == "ok" else (0.0 if res["status"] == "diverged" else None)
+
+
+def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str) -> str:
+    """results/evidence/stage2.md from the stage-2 records alone (regenerable)."""
+    r = REGIMES[name]
+    seeds = sorted({x.seed for x in runs})
+    scaling = [x for x in runs if x.group == "scaling"]
+    lines = ["# Evidence, stage 2: AGVM against its μ = 1 twin and MegDet, paired seeds", "",
+             "Generated by `python scripts/evidence.py --stage 2 --report-only --regime "
+             f"{name}` from the run records in [`runs/stage2/{name}/`](runs/stage2/{name}/); the protocol is "
+             "[`protocol.md`](protocol.md), the regime was chosen in [`stage1.md`](stage1.md). "
+             f"τ = {TAU}, α = {ALPHA:g} unless stated; seeds {', '.join(map(str, seeds))}; a diverged run counts as AP 0 "
+             "in the means and differences.", "",
+             "## Box AP per cell (mean ± std over seeds)", "",
+             "| batch | method | LR | iterations | box AP | diverged | finished |", "|---|---|---|---|---|---|---|"]
+    cells: Dict[tuple, List[Run2]] = {}
+    for x in scaling:
+        cells.setdefault((x.batch, x.method), []).append(x)
+    for (batch, method), xs in sorted(cells.items(), key=lambda kv: (kv[0][0], list(METHOD_LABELS).index(kv[0][1]))):
+        res = [result(x, records_root) for x in xs]
+        aps = [_ap(x, records_root) for x in xs]
+        m, sd = mean_std([a for a in aps if a is not None])
+        lr = next((q["lr"] for q in res if q["lr"] is not None), None)
+        lines.append(f"| {batch} | {METHOD_LABELS[method]} | {_f(lr, 4)} | {schedule(r, batch)['iters']} | "
+                     f"{_f(m)} ± {_f(sd)} | {sum(q['status'] == 'diverged' for q in res)}/{len(xs)} | "
+                     f"{sum(a is not None for a in aps)}/{len(xs)} |")
+    lines += ["", "## AGVM − twin, paired by seed", "",
+              "| batch | per seed | mean ± std | AGVM ahead |", "|---|---|---|---|"]
+    for batch in sorted({x.batch for x in scaling if x.method == "agvm"}):
+        by = {m: {x.seed: _ap(x, records_root) for x in scaling if x.batch == batch and x.method == m} for m in ("agvm", "twin")}
+        a = {k: v for k, v in by["agvm"].items() if v is not None}
+        b = {k: v for k, v in by["twin"].items() if v is not None}
+        d = paired_difference(a, b)
+        per = ", ".join(f"s{k}: {v:+.2f}" for k, v in sorted(d["per_seed"].items())) or "—"
+        lines.append(f"| {batch} | {per} | {_f(d['mean'])} ± {_f(d['std'])} | {d['ahead']}/{d['seeds']} |")
+    big = r["b0"] * r["factor"]
+    main = {(x.alpha, x.tau): x for x in scaling if x.method == "agvm" and x.batch == big and x.seed == min(seeds)}
+    lines += ["", f"## α × τ at batch {big} (AGVM, seed {min(seeds)})", "", "| α | τ | box AP | status |", "|---|---|---|---|"]
+    for alpha, tau in GRID:
+        x = main.get((alpha, tau)) or next((g for g in runs if g.group == "grid" and (g.alpha, g.tau) == (alpha, tau)), None)
+        res = result(x, records_root) if x else {"ap": None, "status": "not planned"}
+        lines.append(f"| {alpha:g} | {tau} | {_f(res['ap'])} | {res['status']} |")
+    lines += ["", f"## Anchor ablation at batch {big} (AGVM, seed {min(seeds)})", "", "| anchor | box AP | status |", "|---|---|---|"]
+    for anchor in ("backbone",) + ANCHORS:
+        x = next(iter(main.values()), None) if anchor == "backbone" else \
+            next((g for g in runs if g.group == "anchor" and g.anchor == anchor), None)
+        res = result(x, records_root) if x else {"ap": None, "status": "not planned"}
+        lines.append(f"| {anchor} | {_f(res['ap'])} | {res['status']} |")
+    lines += ["", "## Commands", "", "```bash"]
+    for x in runs:
+        rec = read_run(os.path.join(records_root, x.path))
+        if rec:
+            lines.append(f"{rec.get('command', '')}   # exit {rec.get('returncode', '?')}")
+    lines += ["```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def command(run, out: str) -> List[str]:
+    config = getattr(run, "config", CONFIG)
+    return [sys.executable, TRAIN_NET, "--config-file", config, "OUTPUT_DIR", out, *run.opts]
 
 
 def copy_records(out: str, records: str) -> None:
@@ -262,18 +414,50 @@ def main(argv=None) -> int:
                    help="records and report folder (default results/evidence)")
     p.add_argument("--dry-run", action="store_true", help="print the plan's commands; run and write nothing")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the committed records")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1 (default): choose the regime; 2: compare")
+    p.add_argument("--regime", choices=sorted(REGIMES), default=None, help="stage 2: the regime stage 1 chose")
     args = p.parse_args(argv)
     records_root = os.path.join(args.records, "runs")
+    if args.stage == 2:
+        if args.regime is None:
+            p.error("--stage 2 needs --regime (the regime stage 1 accepted, or the one that came closest)")
+        runs2 = plan2(args.regime, args.seeds)
+        report2 = os.path.join(args.records, "stage2.md")
+        if args.report_only:
+            print("wrote", write_report2(args.regime, runs2, records_root, report2))
+            return 0
+        return execute(args, runs2, records_root, lambda: write_report2(args.regime, runs2, records_root, report2))
     if args.report_only:
         regimes = args.regimes or recorded_regimes(records_root)
         runs = [x for name in regimes for x in plan([name], recorded_seeds(records_root, name))]
         print("wrote", write_report(runs, records_root, os.path.join(args.records, "stage1.md"), regimes))
         return 0
     regimes = args.regimes or list(REGIMES)
-    runs = plan(regimes, args.seeds)
+    if len({REGIMES[r]["images"] for r in regimes}) > 1:
+        p.error("run regimes with different training-set sizes in separate calls")
+
+    def report1():
+        done_regimes = recorded_regimes(records_root)
+        all_runs = [x for name in done_regimes for x in plan([name], recorded_seeds(records_root, name))]
+        return write_report(all_runs, records_root, os.path.join(args.records, "stage1.md"), done_regimes)
+
+    return execute(args, plan(regimes, args.seeds), records_root, report1)
+
+
+def execute(args, runs, records_root: str, report) -> int:
+    """Run what is not yet recorded (a record with an exit code and the same config fingerprint
+    is reused), two at a time by default; copy each run's records; write the report."""
+    from agvm.detectron2.checks import check_run_config
+
+    for x in runs:  # every run's config built and checked before anything starts
+        try:
+            check_run_config(os.path.join(ROOT, getattr(x, "config", CONFIG)), x.opts, 1, what=f"run {x.path}: ")
+        except ValueError as e:
+            print(f"evidence.py: error: {e}", file=sys.stderr)
+            return 2
     pending = []
     for x in runs:
-        fp = config_fingerprint(os.path.join(ROOT, CONFIG), x.opts)
+        fp = config_fingerprint(os.path.join(ROOT, getattr(x, "config", CONFIG)), x.opts)
         folder = os.path.join(records_root, x.path)
         if (read_run(folder) or {}).get("returncode") is not None and stale_reason(folder, fp) is None:
             continue  # finished with this config: reused
@@ -286,9 +470,7 @@ def main(argv=None) -> int:
     from agvm.detectron2.pretrained import ensure_pretrained
 
     ensure_pretrained()
-    os.environ["AGVM_SHAPES_NUM_TRAIN"] = str(REGIMES[regimes[0]]["images"])
-    if len({REGIMES[r]["images"] for r in regimes}) > 1:
-        p.error("run regimes with different training-set sizes in separate calls")
+    os.environ["AGVM_SHAPES_NUM_TRAIN"] = str(REGIMES[runs[0].regime]["images"]) if runs else ""
 
     def one(item, threads):
         x, fp = item
@@ -303,9 +485,7 @@ def main(argv=None) -> int:
         return f"{x.path}: {res['status']} AP75 {_f(res['ap75'])} AP {_f(res['ap'])} in {rec['wall_s'] / 60:.1f} min"
 
     run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
-    done_regimes = recorded_regimes(records_root)
-    all_runs = [x for name in done_regimes for x in plan([name], recorded_seeds(records_root, name))]
-    print("wrote", write_report(all_runs, records_root, os.path.join(args.records, "stage1.md"), done_regimes))
+    print("wrote", report())
     return 0
 
 
