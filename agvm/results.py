@@ -26,6 +26,7 @@ __all__ = [
     "comparison_rows",
     "rows_to_markdown",
     "cell_output_dir",
+    "phi_mu_summary",
 ]
 
 #: Status of a cell in a comparison table.
@@ -96,6 +97,24 @@ def curves(records: Sequence[Mapping], kind: str = "phi") -> "OrderedDict[str, T
                 its.append(int(rec.get("iteration", len(its))))
                 vals.append(float("nan") if value is None else float(value))
     return out
+
+
+def phi_mu_summary(records: Sequence[Mapping]) -> str:
+    """A per-module markdown table of one run's AGVM estimates (its metrics.json records):
+    mean Φ over the finite estimates, the last Φ, μ at the end, and how many estimates there
+    were and how many were not finite. Empty string when the run logged no estimate."""
+    phi, mu = curves(records, "phi"), curves(records, "mu")
+    if not phi:
+        return ""
+    lines = ["| module | Φ mean | Φ last | μ final | estimates | not finite |", "|---|---|---|---|---|---|"]
+    for m, (_, values) in phi.items():
+        finite = [v for v in values if math.isfinite(v)]
+        mean = f"{sum(finite) / len(finite):.4g}" if finite else "—"
+        last = f"{values[-1]:.4g}" if math.isfinite(values[-1]) else "nan"
+        final = mu.get(m, ([], []))[1]
+        lines.append(f"| {m} | {mean} | {last} | {final[-1]:.4f} | {len(values)} | {len(values) - len(finite)} |"
+                     if final else f"| {m} | {mean} | {last} | — | {len(values)} | {len(values) - len(finite)} |")
+    return "\n".join(lines)
 
 
 def _finite(x) -> bool:

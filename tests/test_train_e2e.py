@@ -58,3 +58,22 @@ def test_train_and_evaluate_mini_faster_rcnn(tiny_shapes, capsys):
         tiny_args(train_net, tiny_shapes / "eval", "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True)
     )
     assert again["bbox"]["AP"] == pytest.approx(ap, abs=1e-6)
+
+
+def test_agvm_estimates_reach_log_txt_with_a_summary(tiny_shapes):
+    """Φ/μ where people look: one line per estimate in the console and log.txt, and the
+    per-module table of the whole run at the end."""
+    train_net = load_train_net()
+    out = tiny_shapes / "agvm_log"
+    args = tiny_args(train_net, out, "SOLVER.AGVM.ENABLED", "True", "SOLVER.AGVM.START_ITER", "1",
+                     "SOLVER.AGVM.INTERVAL", "2", "SOLVER.AGVM.STOP_ITER", "-1", "SOLVER.CLIP_GRADIENTS.ENABLED", "False",
+                     "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()")
+    train_net.main(args)
+    log = (out / "log.txt").read_text()
+    lines = [line for line in log.splitlines() if "AGVM iter " in line]
+    assert [line.split("AGVM iter ")[1].split(":")[0] for line in lines] == ["1", "3", "5"]
+    assert all("Φ backbone" in line and "| μ neck" in line and "μ backbone" not in line for line in lines)
+    logged = [r for r in read_metrics(out) if "agvm/phi/backbone" in r]
+    assert f"Φ backbone {logged[-1]['agvm/phi/backbone']:.4g}" in lines[-1]
+    assert "| module | Φ mean | Φ last | μ final | estimates | not finite |" in log
+    assert any(row.startswith("| box_head |") and row.rstrip().endswith("| 3 | 0 |") for row in log.splitlines())

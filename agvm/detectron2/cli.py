@@ -181,7 +181,9 @@ def print_results(results: Mapping, metrics=("AP", "mIoU", "PQ")) -> str:
 def train_or_evaluate(cfg: CfgNode, args, trainer_cls) -> Mapping:
     """The body of every project's ``main()``: with ``args.eval_only``, load ``MODEL.WEIGHTS``
     and evaluate; otherwise train with ``trainer_cls`` (resuming with ``args.resume``) and
-    evaluate at the end. Prints one line per metric and writes ``<OUTPUT_DIR>/eval_results.json``
+    evaluate at the end; with ``SOLVER.AGVM.ENABLED`` (MEASURE_ONLY included) logs the per-module
+    Φ/μ table of the whole run (:func:`agvm.results.phi_mu_summary`) to the console and log.txt.
+    Prints one line per metric and writes ``<OUTPUT_DIR>/eval_results.json``
     (``{task: {metric: value}}``, main process). Returns the results."""
     from detectron2.checkpoint import DetectionCheckpointer
 
@@ -194,6 +196,13 @@ def train_or_evaluate(cfg: CfgNode, args, trainer_cls) -> Mapping:
         trainer.resume_or_load(resume=args.resume)
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}
+        if cfg.SOLVER.AGVM.ENABLED and comm.is_main_process() and cfg.OUTPUT_DIR:
+            from ..results import phi_mu_summary, read_metrics
+
+            table = phi_mu_summary(read_metrics(cfg.OUTPUT_DIR))  # every estimate of the run, resumes included
+            if table:
+                logger.info("AGVM per module over the run (Φ = 1 − cos of the half-batch gradients; μ scales the "
+                            "module's learning rate):\n" + table)
     if comm.is_main_process():
         print_results(results)
         if cfg.OUTPUT_DIR:

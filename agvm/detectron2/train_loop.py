@@ -38,7 +38,7 @@ from ..core.optim import AGVM, MODULE_KEY
 from ..core.sandbox import preserved_rng, preserved_state
 from .resume import _rng_state, _set_rng_state
 
-__all__ = ["AGVMStepTrainer", "split_batch"]
+__all__ = ["AGVMStepTrainer", "estimate_line", "split_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,16 @@ def split_batch(data: Sequence, accum_steps: int, halves: bool) -> List[Tuple[in
         half = size // 2
         pairs = [(0, c[:half]) for c in chunks] + [(1, c[half:]) for c in chunks]
     return sorted(pairs, key=lambda hc: hc[0])
+
+
+def estimate_line(iteration: int, phi: Dict[str, float], mu: Dict[str, float], anchor: str,
+                  measure_only: bool = False) -> str:
+    """One compact console/log.txt line per AGVM estimate: Φ of every module (``nan`` where a
+    half had no finite gradient) and μ of every module but the anchor (always 1), e.g.
+    ``AGVM iter 40: Φ backbone 0.412 neck 0.233 | μ neck 1.021``."""
+    phis = " ".join(f"{m} {phi.get(m, float('nan')):.4g}" for m in mu)
+    mus = "μ = 1 (MEASURE_ONLY)" if measure_only else "μ " + " ".join(f"{m} {v:.4f}" for m, v in mu.items() if m != anchor)
+    return f"AGVM iter {iteration}: Φ {phis} | {mus}"
 
 
 # ------------------------------------------------------------------------------ the step
@@ -365,6 +375,7 @@ class AGVMStepTrainer(SimpleTrainer):
             scalars[f"agvm/lr/{m}"] = first_lr[m] * out["mu"][m]
         scalars["agvm/skipped"] = agvm.modulator.skipped
         storage.put_scalars(smoothing_hint=False, **scalars)
+        logger.info(estimate_line(storage.iter, out["phi"], out["mu"], agvm.modulator.anchor, agvm.modulator.measure_only))
 
     def _clip(self, iteration):
         if self.clip is None:
