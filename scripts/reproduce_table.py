@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--results", default="projects/{table}/results/{scale}.md",
                    help="markdown file, {table} and {scale} filled in; default projects/{table}/results/{scale}.md")
     p.add_argument("--rerun", action="store_true", help="run cells that already have a final metric again")
+    p.add_argument("--max-iter", type=int, default=None, metavar="N",
+                   help="a short run of every cell: N iterations, its schedule rescaled (train_net.py --max-iter); "
+                        "such a run is not the table's cell (the check before launch warns which keys differ); default: off")
     p.add_argument("--python", default=sys.executable, help="interpreter for train_net.py; default this one")
     args = parse_with_overrides(p, argv)
     for name in ("num_gpus", "num_machines", "jobs"):
@@ -94,6 +97,8 @@ def cell_command(args, table: Table, cell: Cell) -> List[str]:
     out = cell_output_dir(args.output_root, table.name, args.scale, cell.name)
     _, accum = cell_split(args, cell)
     cmd = [args.python, f"projects/{table.name}/train_net.py", "--config-file", table.config_path(cell, args.scale)]
+    if args.max_iter:
+        cmd += ["--max-iter", str(args.max_iter)]
     if args.launcher == "slurm":
         cmd += ["--dist-url", f"tcp://{SLURM_MASTER}:29500"]
         srun = ["srun", f"--nodes={args.num_machines}", f"--ntasks-per-node={args.num_gpus}",
@@ -149,7 +154,7 @@ def check_cells(args, todo) -> None:
         i = cmd.index("--config-file")
         path = os.path.join(ROOT, cmd[i + 1])
         opts = cmd[cmd.index("OUTPUT_DIR"):]
-        cfg = check_run_config(path, opts, processes, what=f"cell {table.name}/{cell.name}: ")
+        cfg = check_run_config(path, opts, processes, what=f"cell {table.name}/{cell.name}: ", max_iter=args.max_iter)
         edited = [m for m in config_mismatches(table, cell, args.scale, cfg, open(path).read(), ROOT)
                   if not m.startswith("OUTPUT_DIR") and not any(m.startswith(k + " ") for k in args.opts[0::2])]
         if edited:

@@ -138,6 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-batch", type=int, default=None, help="reference batch of the LR rule (default: the config's)")
     p.add_argument("--ref-lr", type=float, default=None, help="reference LR of the LR rule (default: the config's)")
     p.add_argument("--same-epochs", action="store_true", help="scale iteration counts by ref-batch / batch")
+    p.add_argument("--max-iter", type=int, default=None, metavar="N",
+                   help="every cell runs N iterations, its schedule rescaled (train_net.py --max-iter; default: off)")
     p.add_argument("--metric", default="bbox/AP", help="task/metric to aggregate (default bbox/AP; segm/AP, sem_seg/mIoU, panoptic_seg/PQ)")
     p.add_argument("--jobs", type=int, default=1, help="cells at once on this machine (default 1)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per cell per machine (default 1)")
@@ -179,8 +181,9 @@ def command(args, cell: dict, base, train_net: str) -> List[str]:
     _, (_, accum) = cell_split(args, cell, base)
     accum_opts = ["SOLVER.GRAD_ACCUM_STEPS", str(accum)] if accum > 1 else []
     machines = ["--num-machines", str(args.num_machines)] if args.num_machines > 1 else []
+    short = ["--max-iter", str(args.max_iter)] if args.max_iter else []
     return ([args.python, train_net, "--config-file", args.config_file, "--num-gpus", str(args.num_gpus), *machines,
-             "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + accum_opts + list(args.opts))
+             *short, "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + accum_opts + list(args.opts))
 
 
 def aggregate(args, cells: List[dict]) -> Tuple[str, str]:
@@ -251,7 +254,8 @@ def check_cell(args, cell: dict, base) -> None:
 
     _, (_, accum) = cell_split(args, cell, base)
     opts = cell_overrides(args, cell, base) + list(args.opts) + ["SOLVER.GRAD_ACCUM_STEPS", str(accum)]
-    check_run_config(args.config_file, opts, args.num_gpus * args.num_machines, what=f"grid point {cell['name']}: ")
+    check_run_config(args.config_file, opts, args.num_gpus * args.num_machines, what=f"grid point {cell['name']}: ",
+                     max_iter=args.max_iter)
 
 
 def main(argv=None) -> int:

@@ -77,3 +77,17 @@ def test_agvm_estimates_reach_log_txt_with_a_summary(tiny_shapes):
     assert f"Φ backbone {logged[-1]['agvm/phi/backbone']:.4g}" in lines[-1]
     assert "| module | Φ mean | Φ last | μ final | estimates | not finite |" in log
     assert any(row.startswith("| box_head |") and row.rstrip().endswith("| 3 | 0 |") for row in log.splitlines())
+
+
+def test_max_iter_runs_a_short_rescaled_run(tiny_shapes):
+    """`--max-iter 3` on a 600-iteration AGVM config: 3 iterations, the rescaled schedule logged."""
+    train_net = load_train_net()
+    out = tiny_shapes / "short"
+    argv = ["--config-file", os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini",
+                                          "faster_rcnn_R18_FPN_shapes_agvm.yaml"),
+            "--max-iter", "3", "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+            "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()"]
+    train_net.main(default_argument_parser().parse_args(argv))
+    assert max(r["iteration"] for r in read_metrics(out) if "total_loss" in r) == 2
+    log = (out / "log.txt").read_text()
+    assert "--max-iter: schedule rescaled: SOLVER.MAX_ITER 600 → 3" in log

@@ -52,19 +52,21 @@ def ineffective_keys(cfg: CfgNode) -> List[str]:
     return out
 
 
-def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1, what: str = "") -> CfgNode:
+def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1, what: str = "",
+                     max_iter: Optional[int] = None) -> CfgNode:
     """Build the config a run would train with (defaults, agvm keys, ``config_file``, the
     ``KEY VALUE`` ``opts``) and run every check of a run on it, without building or writing
     anything: unknown key or bad value (:func:`validate_config`, with ``world_size``
     processes), and an ``opts`` key that would have no effect in that config
-    (:func:`ineffective_keys`). Used by the experiment scripts before they launch anything.
+    (:func:`ineffective_keys`). ``max_iter``: the run's ``--max-iter`` (default None: none).
+    Used by the experiment scripts before they launch anything.
 
     Returns the config. Raises ValueError starting with ``what`` (e.g. "grid point a0.9_t5: ")
     and naming the key and value."""
     from detectron2.config import get_cfg
 
     from ..data.register import register_shapes
-    from .config import add_agvm_config
+    from .config import add_agvm_config, rescale_config
 
     register_shapes()
     cfg = get_cfg()
@@ -72,6 +74,7 @@ def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
+        rescale_config(cfg, max_iter)
     except (KeyError, AssertionError, ValueError) as e:
         raise ValueError(f"{what}{e.args[0] if e.args else e}") from None
     given = set(list(opts)[0::2])

@@ -31,7 +31,7 @@ from ..data.register import prepare_datasets, register_shapes
 from ..evaluation import PanopticQualityEvaluator
 from ..solver import scale_lr
 from .checks import validate_config
-from .config import add_agvm_config
+from .config import add_agvm_config, rescale_config
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ def default_argument_parser(epilog: Optional[str] = None):
     and a single machine picks a free local port. An explicit ``--dist-url`` always wins."""
     parser = _d2_argument_parser(epilog if epilog is not None else _agvm_epilog())
     parser.set_defaults(dist_url="auto")
+    parser.add_argument("--max-iter", type=int, default=None, metavar="N",
+                        help="a run of N iterations with the config's schedule rescaled to it: LR steps, warm-up, the "
+                             "AGVM start, τ and stop, the clip window, the evaluation and checkpoint periods "
+                             "(the rescaled values are logged); default: the config's SOLVER.MAX_ITER")
     for action in parser._actions:
         if action.dest == "dist_url":
             action.help = ("initialization URL of the process group (tcp://<machine 0>:<port>); default 'auto': "
@@ -94,6 +98,7 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
+    rescaled = rescale_config(cfg, getattr(args, "max_iter", None))
     scaling = cfg.SOLVER.LR_SCALING
     if scaling.RULE != "none":
         cfg.SOLVER.BASE_LR = scale_lr(
@@ -111,6 +116,8 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="agvm", abbrev_name="agvm")
     if fell_back:
         logging.getLogger("agvm").warning("No CUDA device found: running on CPU (MODEL.DEVICE cpu).")
+    if rescaled:
+        logging.getLogger("agvm").info("--max-iter: schedule rescaled: " + ", ".join(rescaled))
     return cfg
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 from detectron2.config import CfgNode as CN
 
 from ..core.modulator import GradientVarianceModulator
+from ..solver.schedules import rescale_schedule
 
 #: The core's defaults (α, τ, clamp, eps, anchor, measure_only): the config takes them from
 #: there, so each default lives in one place (agvm.core.modulator).
 _CORE = {k: p.default for k, p in inspect.signature(GradientVarianceModulator).parameters.items()
          if p.default is not inspect.Parameter.empty}
 
-__all__ = ["add_agvm_config", "add_solver_config", "OPTIMIZERS"]
+__all__ = ["add_agvm_config", "add_solver_config", "rescale_config", "OPTIMIZERS"]
 
 #: Values accepted by ``SOLVER.OPTIMIZER``.
 OPTIMIZERS = ("SGD", "AdamW", "LARS", "LAMB", "SAM", "PMD_LAMB")
@@ -126,3 +128,34 @@ def add_agvm_config(cfg: CN) -> None:
     _C.SOLVER.AGVM.GROUPS = []
     # Cosine on Adam-preconditioned half-gradients: "auto" (for AdamW), "on" or "off".
     _C.SOLVER.AGVM.PRECONDITION = "auto"
+
+
+#: ``--max-iter``: config key -> the field of :func:`agvm.solver.rescale_schedule`'s result.
+_RESCALED = {"SOLVER.MAX_ITER": "max_iter", "SOLVER.STEPS": "steps", "SOLVER.WARMUP_ITERS": "warmup_iters",
+             "SOLVER.AGVM.START_ITER": "agvm_start", "SOLVER.AGVM.STOP_ITER": "agvm_stop",
+             "SOLVER.AGVM.INTERVAL": "agvm_interval", "SOLVER.CLIP_GRADIENTS.ITER_RANGE": "clip_range",
+             "TEST.EVAL_PERIOD": "eval_period", "SOLVER.CHECKPOINT_PERIOD": "checkpoint_period"}
+
+
+def rescale_config(cfg: CN, max_iter: Optional[int]) -> list:
+    """``--max-iter``: rescale every iteration count of the (unfrozen) ``cfg`` to ``max_iter``
+    iterations (:func:`agvm.solver.rescale_schedule`; None = unchanged). Returns the changes as
+    ``["KEY old → new", ...]``. Raises ValueError for ``max_iter`` < 1."""
+    if max_iter is None:
+        return []
+    if max_iter < 1:
+        raise ValueError(f"--max-iter {max_iter}: the number of iterations must be ≥ 1")
+    s = cfg.SOLVER
+    new = rescale_schedule(s.MAX_ITER, max_iter, s.STEPS, s.WARMUP_ITERS, s.AGVM.START_ITER, s.AGVM.STOP_ITER,
+                           s.AGVM.INTERVAL, s.CLIP_GRADIENTS.ITER_RANGE, cfg.TEST.EVAL_PERIOD, s.CHECKPOINT_PERIOD)
+    changes = []
+    for key, field in _RESCALED.items():
+        node, name = cfg, key.split(".")
+        for part in name[:-1]:
+            node = node[part]
+        old = node[name[-1]]
+        value = type(old)(new[field]) if isinstance(old, (list, tuple)) else new[field]
+        if tuple(old) != tuple(value) if isinstance(old, (list, tuple)) else old != value:
+            changes.append(f"{key} {old} → {value}")
+        node[name[-1]] = value
+    return changes

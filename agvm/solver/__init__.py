@@ -6,6 +6,6 @@ lives in the trainer (``agvm.detectron2.train_loop``). See ``agvm.detectron2.bui
 """
 
 from .pmd_lamb import PMDLamb
-from .schedules import LR_SCALING_RULES, build_lr_scheduler, exp_warmup, scale_lr
+from .schedules import LR_SCALING_RULES, build_lr_scheduler, exp_warmup, rescale_schedule, scale_lr
 
-__all__ = ["LR_SCALING_RULES", "PMDLamb", "build_lr_scheduler", "exp_warmup", "scale_lr"]
+__all__ = ["LR_SCALING_RULES", "PMDLamb", "build_lr_scheduler", "exp_warmup", "rescale_schedule", "scale_lr"]
