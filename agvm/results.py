@@ -27,10 +27,11 @@ __all__ = [
     "rows_to_markdown",
     "cell_output_dir",
     "phi_mu_summary",
+    "run_mismatches",
 ]
 
-#: Status of a cell in a comparison table.
-STATUSES = ("ok", "failed", "missing", "incomplete")
+#: Status of a cell in a comparison table ("mismatched": a run whose config is not the cell's).
+STATUSES = ("ok", "failed", "missing", "incomplete", "mismatched")
 
 
 def cell_output_dir(root: str, table: str, scale: str, cell: str) -> str:
@@ -151,25 +152,55 @@ def cell_result(output_dir: str, result_key: Tuple[str, str]) -> dict:
     return out
 
 
+#: The repository root (configs/recipes, which :func:`run_mismatches` compares runs against).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_mismatches(table: Table, cell, scale: str, output_dir: str, repo_root: str = REPO_ROOT) -> List[str]:
+    """What the run in ``output_dir`` trained with (its ``config.yaml``) that is not what the
+    table entry ``cell`` means (:func:`agvm.tables.config_mismatches`, except where the output
+    went); [] when it agrees or when the folder has no config.yaml."""
+    import yaml
+
+    from .tables import config_mismatches
+
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    return [m for m in config_mismatches(table, cell, scale, cfg, "", repo_root) if not m.startswith("OUTPUT_DIR")]
+
+
 def comparison_rows(table: Table, scale: str, root: str) -> List[dict]:
     """One row per cell of ``table`` at ``scale``: the paper's number (for mini cells, that of
     the full-scale counterpart), the measured one, measured − paper, measured − the
-    small-batch baseline cell's measured value, status and wall time."""
+    small-batch baseline cell's measured value, status and wall time. A run whose config is
+    not its cell's (:func:`run_mismatches`: another batch, schedule, LR, recipe key, …) gets
+    status "mismatched", the differences in ``mismatches`` and no Δ: it is never passed off as
+    the cell."""
     cells = table.cells_at(scale)
-    results = {c.name: cell_result(cell_output_dir(root, table.name, scale, c.name), table.result_key) for c in cells}
-    base = results.get(table.baseline_at(scale), {}).get("measured")
+    folders = {c.name: cell_output_dir(root, table.name, scale, c.name) for c in cells}
+    results = {c.name: cell_result(folders[c.name], table.result_key) for c in cells}
+    mismatches = {c.name: run_mismatches(table, c, scale, folders[c.name]) for c in cells}
+    for name, bad in mismatches.items():
+        if bad:
+            results[name] = dict(results[name], status="mismatched")
+    base = results.get(table.baseline_at(scale), {})
+    base = base.get("measured") if base.get("status") != "mismatched" else None
     rows = []
     for c in cells:
         r = results[c.name]
         paper = c.paper if scale == "full" else table.cell(c.counterpart).paper
         measured = r["measured"]
+        comparable = r["status"] != "mismatched"
         rows.append(OrderedDict(
             section=c.section, cell=c.name, batch=c.batch, method=c.method, variant=c.variant,
             paper=paper, measured=measured,
-            diff=(measured - paper) if _finite(measured) and _finite(paper) else None,
-            vs_baseline=(measured - base) if _finite(measured) and _finite(base) else None,
+            diff=(measured - paper) if comparable and _finite(measured) and _finite(paper) else None,
+            vs_baseline=(measured - base) if comparable and _finite(measured) and _finite(base) else None,
             status=r["status"], wall_s=r["wall_s"], counterpart=c.counterpart,
-            approximate=c.approximate,
+            approximate=c.approximate, mismatches=mismatches[c.name],
         ))
     return rows
 
@@ -200,6 +231,8 @@ def rows_to_markdown(rows: Sequence[Mapping], metric: str, scale: str) -> str:
         status = r["status"]
         if status == "failed" and isinstance(r["paper"], float) and math.isnan(r["paper"]):
             status = "failed (as in the paper)"
+        if status == "mismatched":
+            status = "mismatched: " + "; ".join(r.get("mismatches", []))
         lines.append(
             f"| {r['cell']} | {r['batch']} | {method} | {paper} | {_fmt(r['measured'])} | "
             f"{_fmt(r['diff'], True)} | {_fmt(r['vs_baseline'], True)} | {status} | {wall} |"

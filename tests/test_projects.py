@@ -267,7 +267,9 @@ SCORE = {"retinanet": ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]}
 @pytest.mark.parametrize("project", PROJECTS)
 def test_tiny_run_reproduce_table_and_notebook(project, tiny_shapes):
     """A tiny real run of the project's mini AGVM cell through reproduce_table.py, then the
-    project's notebook executed on that output (the other cells are missing)."""
+    project's notebook executed on that output (the other cells are missing). The tiny run is
+    not the cell (4 iterations, batch 4): the table and the notebook say "mismatched" with the
+    differing keys, give it no Δ, and print the command that produces the cells."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -282,9 +284,11 @@ def test_tiny_run_reproduce_table_and_notebook(project, tiny_shapes):
     log = open(os.path.join(out, "stdout.log")).read()
     assert rc == 0, log[-3000:]
     row = [r for r in comparison_rows(table, "mini", str(root)) if r["cell"] == cell.name][0]
-    assert row["status"] == "ok" and math.isfinite(row["measured"])
+    assert row["status"] == "mismatched" and math.isfinite(row["measured"]) and row["diff"] is None
+    assert any(m.startswith("SOLVER.MAX_ITER is 4") for m in row["mismatches"]), row["mismatches"]
     report = open(str(md).format(table=project, scale="mini")).read()
     assert f"| {cell.name} | {cell.batch} |" in report and "missing" in report
+    assert "mismatched: " in report and "SOLVER.MAX_ITER is 4" in report
 
     nb = nbformat.read(os.path.join(ROOT, "projects", project, "check_results.ipynb"), as_version=4)
     env = {"AGVM_SCALE": "mini", "AGVM_RESULTS_ROOT": str(root)}
@@ -301,8 +305,10 @@ def test_tiny_run_reproduce_table_and_notebook(project, tiny_shapes):
         for o in c.get("outputs", []):
             texts.append(o.get("text", "") + json.dumps(o.get("data", {})))
     text = "\n".join(texts)
-    assert f"1 of {len(table.mini_cells)} cells have a final {table.metric}" in text
-    assert f"missing ({len(table.mini_cells) - 1})" in text and cell.name in text
+    assert f"0 of {len(table.mini_cells)} cells have a final {table.metric}" in text
+    assert f"mismatched (1): {cell.name}" in text and f"{cell.name} is not that cell's run: " in text
+    assert f"missing ({len(table.mini_cells) - 1})" in text
+    assert f"python scripts/reproduce_table.py --table {project} --scale mini --rerun " in text
     assert "image/png" in text  # the Φ (and μ) figures
 
 
@@ -328,3 +334,25 @@ def test_reproduce_table_checks_every_cell_before_launching(tmp_path, capsys):
     assert warned == 0
     err = capsys.readouterr().err
     assert "WARNING" not in err  # a key given on the command line is the user's intent, not an edit
+
+
+@pytest.mark.parametrize("project", PROJECTS)
+def test_a_run_of_the_cell_itself_is_not_mismatched(project, tmp_path):
+    """The config.yaml detectron2 writes for a cell's own config (no overrides) reads back as
+    that cell (status not "mismatched"), for every mini cell; one changed key makes it mismatched."""
+    import yaml
+
+    from agvm.detectron2.checks import check_run_config
+    from agvm.results import run_mismatches
+
+    table = get_table(project)
+    for cell in table.mini_cells:
+        cfg = check_run_config(os.path.join(ROOT, table.config_path(cell, "mini")))
+        out = tmp_path / cell.name
+        out.mkdir()
+        (out / "config.yaml").write_text(cfg.dump())
+        assert run_mismatches(table, cell, "mini", str(out)) == [], cell.name
+        changed = yaml.safe_load(cfg.dump())
+        changed["SOLVER"]["MAX_ITER"] += 1
+        (out / "config.yaml").write_text(yaml.safe_dump(changed))
+        assert [m.split(" is ")[0] for m in run_mismatches(table, cell, "mini", str(out))] == ["SOLVER.MAX_ITER"]
