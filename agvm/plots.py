@@ -22,7 +22,8 @@ KIND_LABELS = {
 
 def plot_runs(runs: Mapping[str, Sequence[Mapping]], kind: str = "phi", ncols: int = 2, title: Optional[str] = None):
     """One panel per run (``{label: metrics.json records}``), one line per module of the
-    ``agvm/<kind>/<module>`` curves. Runs without such curves get an empty panel saying so.
+    ``agvm/<kind>/<module>`` curves, every panel on the same y-axis (runs compare at a glance,
+    e.g. μ for several α). Runs without such curves get an empty panel saying so.
     Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
@@ -33,7 +34,7 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping]], kind: str = "phi", ncols: i
         raise ValueError("plot_runs needs at least one run")
     ncols = max(1, min(ncols, len(labels)))
     nrows = (len(labels) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False, sharey=(kind == "phi"))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False, sharey=True)
     for ax in axes.flat[len(labels):]:
         ax.set_visible(False)
     for ax, label in zip(axes.flat, labels):

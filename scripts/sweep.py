@@ -7,6 +7,7 @@
     python scripts/sweep.py ... --dry-run                 # list the cells and their commands
     python scripts/sweep.py ... --slurm                   # write sweep.sbatch (a SLURM array), run nothing
     python scripts/sweep.py ... --report-only             # aggregate what exists
+    python scripts/sweep.py ... -- SOLVER.IMS_PER_BATCH 16 # KEY VALUE pairs after -- go to every cell
 
 Each cell (one point of the grid × one seed) trains ``train_net.py`` (the project's, found from
 the config's ``projects/<name>/`` path, or ``--train-net``) into ``<output-root>/<cell>`` with
@@ -127,7 +128,11 @@ def find_train_net(config_file: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s --config-file CFG --grid KEY=V1,V2 ... --output-root DIR [options] "
+                                      "[-- KEY VALUE ...]",
+                                epilog="Overrides: KEY VALUE pairs after `--` apply to every cell (after the config, "
+                                       "before the grid values); the dry run, the checks and results.md include them.")
     p.add_argument("--config-file", required=True, help="the config every cell starts from")
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="config keys and their values")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="SEED values (default: 0)")
@@ -171,19 +176,35 @@ def parse_args(argv=None):
 
 
 def cell_split(args, cell: dict, base):
-    """``(images per GPU per micro-batch, GRAD_ACCUM_STEPS)`` of a grid point."""
-    batch = int(cell["point"].get("SOLVER.IMS_PER_BATCH", base.SOLVER.IMS_PER_BATCH))
+    """``(batch, (images per GPU per micro-batch, GRAD_ACCUM_STEPS))`` that ``--max-images-per-gpu``
+    asks for at a grid point (the grid value, else an override after ``--``, else the config's)."""
+    overrides = dict(zip(args.opts[0::2], args.opts[1::2]))
+    batch = int(cell["point"].get("SOLVER.IMS_PER_BATCH", overrides.get("SOLVER.IMS_PER_BATCH", base.SOLVER.IMS_PER_BATCH)))
     return batch, grad_accum_steps(batch, args.num_gpus * args.num_machines, args.max_images_per_gpu)
+
+
+def split_opts(args, cell: dict, base) -> List[str]:
+    """``SOLVER.GRAD_ACCUM_STEPS`` for ``--max-images-per-gpu`` (none without it: the config's own
+    accumulation stays)."""
+    if args.max_images_per_gpu is None:
+        return []
+    _, (_, accum) = cell_split(args, cell, base)
+    return ["SOLVER.GRAD_ACCUM_STEPS", str(accum)]
 
 
 def command(args, cell: dict, base, train_net: str) -> List[str]:
     out = os.path.join(args.output_root, cell["name"])
-    _, (_, accum) = cell_split(args, cell, base)
-    accum_opts = ["SOLVER.GRAD_ACCUM_STEPS", str(accum)] if accum > 1 else []
+    accum_opts = split_opts(args, cell, base)
     machines = ["--num-machines", str(args.num_machines)] if args.num_machines > 1 else []
     short = ["--max-iter", str(args.max_iter)] if args.max_iter else []
     return ([args.python, train_net, "--config-file", args.config_file, "--num-gpus", str(args.num_gpus), *machines,
              *short, "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + accum_opts + list(args.opts))
+
+
+def _num(x: float) -> str:
+    """A metric with two decimals, or three significant digits below 1 (a short run's AP of
+    0.0034 and 0.0012 must not both read 0.00)."""
+    return f"{x:.2f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
 
 
 def aggregate(args, cells: List[dict]) -> Tuple[str, str]:
@@ -205,14 +226,18 @@ def aggregate(args, cells: List[dict]) -> Tuple[str, str]:
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     head = "| " + " | ".join(keys + [f"{args.metric} (mean ± std)", "seeds ok", "failed / missing"]) + " |"
-    lines = [f"Sweep of `{args.config_file}`, metric {args.metric}, seeds {args.seeds}.", "", head,
-             "|" + "---|" * (len(keys) + 3)]
+    extra = " ".join(shlex.quote(x) for x in args.opts)
+    lines = [f"Sweep of `{os.path.relpath(args.config_file, ROOT)}`, metric {args.metric}, seeds {args.seeds}; "
+             f"overrides for every cell: {f'`{extra}`' if extra else 'none'}"
+             + (f"; `--max-iter {args.max_iter}`" if args.max_iter else "")
+             + (f"; LR rule {args.lr_rule}" if args.lr_rule != "none" else "")
+             + ("; same epochs" if args.same_epochs else "") + ".", "", head, "|" + "---|" * (len(keys) + 3)]
     for point, rs in groups.items():
         vals = [r[args.metric] for r in rs if r["status"] == "ok"]
         if len(vals) > 1:
-            stat = f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+            stat = f"{_num(statistics.mean(vals))} ± {_num(statistics.stdev(vals))}"
         elif vals:
-            stat = f"{vals[0]:.2f}"
+            stat = _num(vals[0])
         else:
             stat = "—"
         bad = [f"seed {r['seed']}: {r['status']}" for r in rs if r["status"] != "ok"]
@@ -252,10 +277,9 @@ def check_cell(args, cell: dict, base) -> None:
     starts. Raises ValueError naming the point, the key and the value."""
     from agvm.detectron2.checks import check_run_config
 
-    _, (_, accum) = cell_split(args, cell, base)
-    opts = cell_overrides(args, cell, base) + list(args.opts) + ["SOLVER.GRAD_ACCUM_STEPS", str(accum)]
-    check_run_config(args.config_file, opts, args.num_gpus * args.num_machines, what=f"grid point {cell['name']}: ",
-                     max_iter=args.max_iter)
+    opts = cell_overrides(args, cell, base) + split_opts(args, cell, base) + list(args.opts)
+    return check_run_config(args.config_file, opts, args.num_gpus * args.num_machines, what=f"grid point {cell['name']}: ",
+                            max_iter=args.max_iter)
 
 
 def main(argv=None) -> int:
@@ -264,17 +288,18 @@ def main(argv=None) -> int:
     base = load_base(args.config_file)
     train_net = args.train_net or find_train_net(args.config_file)
     try:
-        splits = {c["name"]: cell_split(args, c, base) for c in cells}
-        for c in cells:
-            check_cell(args, c, base)
+        built = {c["name"]: check_cell(args, c, base) for c in cells}  # what each cell trains with
     except (ValueError, KeyError) as e:
         print(f"sweep.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     if args.dry_run:
         processes = args.num_gpus * args.num_machines
         for c in cells:
-            batch, (micro, accum) = splits[c["name"]]
-            print(f"# {c['name']}: batch {batch} on {processes} GPU(s) = {micro} images per GPU × {accum} micro-batch(es)")
+            s = built[c["name"]].SOLVER
+            batch, accum = s.IMS_PER_BATCH, s.GRAD_ACCUM_STEPS
+            micro = batch // processes // accum
+            print(f"# {c['name']}: batch {batch} on {processes} GPU(s) = {micro} images per GPU × {accum} micro-batch(es), "
+                  f"{s.MAX_ITER} iterations, base LR {s.BASE_LR:g}")
             print(f"{c['name']}: " + " ".join(shlex.quote(x) for x in command(args, c, base, train_net)))
         print(f"# {len(cells)} cell(s); dry run: nothing run or written", file=sys.stderr)
         return 0
@@ -307,7 +332,7 @@ def main(argv=None) -> int:
             res = cell_result(out, key)
             if res["status"] != "ok":
                 failed.append(f"{c['name']} ({res['status']}, exit {rec['returncode']}, see {out}/stdout.log)")
-            value = f"{args.metric} {res['measured']:.2f}" if res["measured"] is not None and not math.isnan(res["measured"]) else "no metric"
+            value = f"{args.metric} {_num(res['measured'])}" if res["measured"] is not None and not math.isnan(res["measured"]) else "no metric"
             return f"{c['name']}: {res['status']} ({value}) in {rec['wall_s'] / 60:.1f} min"
 
         run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))

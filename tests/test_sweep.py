@@ -179,3 +179,48 @@ def test_config_fingerprint_follows_the_base_chain(tmp_path):
     (run / "agvm_run.json").write_text(json.dumps({"fingerprint": first}))
     assert stale_reason(str(run), first) is None
     assert "changed" in stale_reason(str(run), "other")
+
+
+PRETRAINED_AGVM = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "pretrained", "b32_agvm.yaml")
+
+
+def test_overrides_are_documented_shown_and_recorded(tmp_path, capsys):
+    """`-- KEY VALUE` overrides: in --help, in the dry-run header (batch and micro-batches as the
+    cell will train: the override's batch, the config's own GRAD_ACCUM_STEPS 2), in results.md;
+    small metrics keep enough digits to tell points apart."""
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--help"])
+    assert "[-- KEY VALUE ...]" in capsys.readouterr().out
+    base = ["--config-file", PRETRAINED_AGVM, "--output-root", str(tmp_path), "--grid", "SOLVER.AGVM.MOMENTUM=0.9,0.97"]
+    assert sweep.main(base + ["--dry-run", "--", "SOLVER.IMS_PER_BATCH", "16"]) == 0
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    assert header and all("batch 16 on 1 GPU(s) = 8 images per GPU × 2 micro-batch(es)" in h for h in header), header
+    args = sweep.parse_args(base + ["--", "SOLVER.IMS_PER_BATCH", "16"])
+    cells = sweep.expand(args.grid, args.seeds)
+    for c, v in zip(cells, (0.0034, 0.0012)):
+        (tmp_path / c["name"]).mkdir()
+        (tmp_path / c["name"] / "eval_results.json").write_text(json.dumps({"bbox": {"AP": v}}))
+    md = open(sweep.aggregate(args, cells)[1]).read()
+    assert "overrides for every cell: `SOLVER.IMS_PER_BATCH 16`" in md
+    assert "| 0.9 | 0.0034 | 1/1 | — |" in md and "| 0.97 | 0.0012 | 1/1 | — |" in md
+
+
+def test_plot_variance_takes_a_sweep_root_and_shares_y(tmp_path):
+    plot = _load("plot_variance")
+    for name, mu in (("alpha-0.9_seed-0", 1.5), ("alpha-0.97_seed-0", 1.1)):
+        (tmp_path / "root" / name).mkdir(parents=True)
+        rows = [{"iteration": i, "agvm/phi/backbone": 0.5, "agvm/phi/neck": 0.2, "agvm/mu/backbone": 1.0,
+                 "agvm/mu/neck": 1.0 + (mu - 1.0) * i / 4} for i in range(5)]
+        (tmp_path / "root" / name / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert plot.expand_runs([str(tmp_path / "root")]) == [str(tmp_path / "root" / n)
+                                                         for n in ("alpha-0.97_seed-0", "alpha-0.9_seed-0")]
+    assert plot.main([str(tmp_path / "root"), "--out", str(tmp_path / "fig"), "--kinds", "mu"]) == 0
+    assert (tmp_path / "fig_mu.png").exists()
+
+    from agvm.plots import plot_runs
+    from agvm.results import read_metrics
+
+    runs = {n: read_metrics(str(tmp_path / "root" / n)) for n in ("alpha-0.9_seed-0", "alpha-0.97_seed-0")}
+    fig = plot_runs(runs, "mu")
+    a, b = [ax for ax in fig.axes if ax.get_visible()]
+    assert a.get_ylim() == b.get_ylim()  # one y-axis for every panel: μ of both α compare directly
