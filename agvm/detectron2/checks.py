@@ -16,7 +16,7 @@ from detectron2.utils import comm
 
 from .build import agvm_start_iter, check_agvm_config
 
-__all__ = ["check_datasets_registered", "check_norm_device", "check_run_config", "check_split_batch",
+__all__ = ["build_run_config", "check_datasets_registered", "check_norm_device", "check_run_config", "check_split_batch",
            "ineffective_keys", "validate_config"]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,44 @@ def ineffective_keys(cfg: CfgNode) -> List[str]:
     return out
 
 
+def build_run_config(config_file: str, opts: Sequence[str] = (), max_iter: Optional[int] = None,
+                     what: str = "") -> CfgNode:
+    """detectron2's defaults + agvm's keys + ``config_file`` + the ``KEY VALUE`` ``opts`` (+
+    ``--max-iter``), unfrozen and unchecked. Raises ValueError starting with ``what``: a missing
+    file names the path; an unknown key names it with the closest existing keys ("did you mean")."""
+    import difflib
+    import os
+
+    from detectron2.config import get_cfg
+
+    from .config import add_agvm_config, rescale_config
+
+    if config_file and not os.path.isfile(config_file):
+        raise ValueError(f"{what}--config-file {config_file}: no such file")
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+        rescale_config(cfg, max_iter)
+    except (KeyError, AssertionError, ValueError) as e:
+        message = str(e.args[0] if e.args else e)
+        if message.startswith("Non-existent"):
+            key = message.rsplit(":", 1)[-1].strip()
+            close = difflib.get_close_matches(key, _flat_keys(cfg), n=3, cutoff=0.75)
+            message = f"unknown config key {key}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+        raise ValueError(f"{what}{message}") from None
+    return cfg
+
+
+def _flat_keys(node: CfgNode, prefix: str = "") -> List[str]:
+    out = []
+    for k, v in node.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, CfgNode) else [f"{prefix}{k}"]
+    return out
+
+
 def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int = 1, what: str = "",
                      max_iter: Optional[int] = None) -> CfgNode:
     """Build the config a run would train with (defaults, agvm keys, ``config_file``, the
@@ -63,20 +101,10 @@ def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int
 
     Returns the config. Raises ValueError starting with ``what`` (e.g. "grid point a0.9_t5: ")
     and naming the key and value."""
-    from detectron2.config import get_cfg
-
     from ..data.register import register_shapes
-    from .config import add_agvm_config, rescale_config
 
     register_shapes()
-    cfg = get_cfg()
-    add_agvm_config(cfg)
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-        rescale_config(cfg, max_iter)
-    except (KeyError, AssertionError, ValueError) as e:
-        raise ValueError(f"{what}{e.args[0] if e.args else e}") from None
+    cfg = build_run_config(config_file, opts, max_iter, what)
     given = set(list(opts)[0::2])
     unused = [u for u in ineffective_keys(cfg) if u.split("=", 1)[0] in given]
     if unused:

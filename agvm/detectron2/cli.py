@@ -35,7 +35,8 @@ from .config import add_agvm_config, rescale_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "print_results", "setup_cfg", "train_or_evaluate"]
+__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "preflight", "print_results", "setup_cfg",
+           "train_or_evaluate"]
 
 
 def default_argument_parser(epilog: Optional[str] = None):
@@ -47,6 +48,8 @@ def default_argument_parser(epilog: Optional[str] = None):
     and a single machine picks a free local port. An explicit ``--dist-url`` always wins."""
     parser = _d2_argument_parser(epilog if epilog is not None else _agvm_epilog())
     parser.set_defaults(dist_url="auto")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of a configuration error (default: one line)")
     parser.add_argument("--max-iter", type=int, default=None, metavar="N",
                         help="a run of N iterations with the config's schedule rescaled to it: LR steps, warm-up, the "
                              "AGVM start, τ and stop, the clip window, the evaluation and checkpoint periods "
@@ -201,8 +204,13 @@ def train_or_evaluate(cfg: CfgNode, args, trainer_cls) -> Mapping:
     else:
         trainer = trainer_cls(cfg)
         trainer.resume_or_load(resume=args.resume)
-        trainer.train()
-        results = getattr(trainer, "_last_eval_results", None) or {}
+        if trainer.start_iter >= trainer.max_iter:
+            logger.info(f"training is complete: the checkpoint is at iteration {trainer.start_iter} = SOLVER.MAX_ITER; "
+                        "evaluating its model (raise SOLVER.MAX_ITER to train further)")
+            results = trainer.test(cfg, trainer.model) if cfg.DATASETS.TEST else {}
+        else:
+            trainer.train()
+            results = getattr(trainer, "_last_eval_results", None) or {}
         if cfg.SOLVER.AGVM.ENABLED and comm.is_main_process() and cfg.OUTPUT_DIR:
             from ..results import phi_mu_summary, read_metrics
 
@@ -223,8 +231,39 @@ def launch_cli(main: Callable, argv=None):
     """The ``if __name__ == "__main__":`` body of every ``train_net.py``: parse the command line
     (:func:`default_argument_parser`) and run ``main(args)`` in every process of the job
     (:func:`agvm.detectron2.launch`: GPUs, CPU processes, several machines, torchrun, srun)."""
+    import sys
+
     from .launch import launch
 
     args = default_argument_parser().parse_args(argv)
+    try:
+        note = preflight(args)
+    except ValueError as e:
+        if args.debug:
+            raise
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
+        print(f"{prog}: error: {e} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                   dist_url=args.dist_url, args=(args,))
+
+
+def preflight(args) -> Optional[str]:
+    """What :func:`launch_cli` checks before any process starts, from the command line alone:
+    the config file exists, every key exists (with a "did you mean"), values merge, ``--max-iter``
+    applies, and ``SOLVER.IMS_PER_BATCH`` splits over ``--num-gpus × --num-machines`` processes
+    (:func:`agvm.detectron2.checks.check_split_batch`). Raises ValueError with a one-line
+    message. Returns a note to print, or None: several CPU processes are about to start."""
+    from .checks import build_run_config, check_split_batch
+
+    cfg = build_run_config(args.config_file, args.opts or [], getattr(args, "max_iter", None))
+    world = args.num_gpus * args.num_machines
+    check_split_batch(cfg, world)
+    if world > 1 and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--num-gpus {args.num_gpus} with MODEL.DEVICE {cfg.MODEL.DEVICE}, but no GPU is visible "
+                         "(add MODEL.DEVICE cpu to run CPU processes on purpose)")
+    if world > 1 and cfg.MODEL.DEVICE == "cpu":
+        return f"note: MODEL.DEVICE is cpu: starting {world} CPU processes (gloo), not GPUs"
+    return None

@@ -199,7 +199,7 @@ class AGVMTrainer(Trainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        if self.start_iter > 0 and comm.is_main_process():
+        if 0 < self.start_iter < self.max_iter and comm.is_main_process():  # a finished run re-runs nothing: rows kept
             # rows past the checkpoint were logged by the killed run: the resumed run logs them again
             dropped = truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
             if dropped:
