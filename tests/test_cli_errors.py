@@ -58,3 +58,73 @@ def test_resuming_a_finished_run_says_training_is_complete(tiny_shapes):
     assert "training is complete: the checkpoint is at iteration 6 = SOLVER.MAX_ITER" in log
     assert again["bbox"]["AP"] == pytest.approx(first["bbox"]["AP"], abs=1e-6)
     assert len(read_metrics(out)) == rows  # no training iteration logged again
+
+
+def _one_class_coco(root, n=6):
+    """A tiny COCO-format set: n 64×64 images with one filled rectangle each, category "box"."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    images, annotations = [], []
+    for i in range(n):
+        img = np.full((64, 64, 3), 30, dtype=np.uint8)
+        x, y = int(rng.randint(4, 30)), int(rng.randint(4, 30))
+        w, h = int(rng.randint(12, 28)), int(rng.randint(12, 28))
+        img[y:y + h, x:x + w] = (220, 180, 40)
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 64, "height": 64})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, w, h], "area": w * h,
+                            "iscrowd": 0, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    (root / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "box"}]}))
+    return str(root / "instances.json"), str(root / "images")
+
+
+def test_own_coco_dataset_in_one_command(tiny_shapes):
+    """`--dataset NAME JSON IMAGE_DIR`: a 1-class COCO set trains and evaluates; the mini config's
+    NUM_CLASSES 5 is rejected before anything is written, naming the key and the count."""
+    from test_train_e2e import load_train_net, tiny_args
+
+    from agvm.detectron2.cli import preflight
+
+    json_file, images = _one_class_coco(tiny_shapes / "mine")
+    train_net = load_train_net()
+    data = ["DATASETS.TRAIN", "('boxes',)", "DATASETS.TEST", "('boxes',)"]
+
+    wrong = tiny_args(train_net, tiny_shapes / "wrong", *data)
+    wrong.dataset = [["boxes", json_file, images]]
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=5 but DATASETS.TRAIN 'boxes' has 1 classes "
+                                         r"\(thing_classes: box\): set MODEL.ROI_HEADS.NUM_CLASSES 1"):
+        preflight(wrong)
+    with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES=5"):
+        train_net.main(wrong)
+    assert not (tiny_shapes / "wrong").exists()
+
+    args = tiny_args(train_net, tiny_shapes / "boxes", *data, "MODEL.ROI_HEADS.NUM_CLASSES", "1")
+    args.dataset = [["boxes", json_file, images]]
+    assert preflight(args) is None
+    results = train_net.main(args)
+    assert 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+def test_unregistered_dataset_names_the_users_own_first(tiny_shapes):
+    from detectron2.data import DatasetCatalog
+
+    from agvm.detectron2.checks import check_datasets_registered
+    from agvm.detectron2.checks import build_run_config
+
+    if "my_trees_train" not in DatasetCatalog.list():
+        DatasetCatalog.register("my_trees_train", lambda: [])
+    cfg = build_run_config(os.path.join(ROOT, AGVM_MINI), ["DATASETS.TRAIN", "('trees',)"])
+    with pytest.raises(KeyError) as e:
+        check_datasets_registered(cfg)
+    message = str(e.value)
+    listed = message.split("registered: ", 1)[1].split(". Register", 1)[0].split(", ")
+    assert "my_trees_train" in listed
+    builtins = [i for i, n in enumerate(listed) if n.startswith(("coco_", "lvis_", "cityscapes_", "voc_", "ade20k_"))]
+    assert not builtins or listed.index("my_trees_train") < min(builtins)  # the user's own names before detectron2's
+    assert "--dataset trees <annotations.json> <image folder>" in message

@@ -16,7 +16,7 @@ from detectron2.utils import comm
 
 from .build import agvm_start_iter, check_agvm_config
 
-__all__ = ["build_run_config", "check_datasets_registered", "check_norm_device", "check_run_config", "check_split_batch",
+__all__ = ["build_run_config", "check_datasets_registered", "check_num_classes", "check_norm_device", "check_run_config", "check_split_batch",
            "ineffective_keys", "validate_config"]
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,63 @@ def validate_config(cfg: CfgNode, world_size: Optional[int] = None) -> None:
     check_split_batch(cfg, world_size)
     check_norm_device(cfg)
     check_datasets_registered(cfg)
+    check_num_classes(cfg)
+
+
+#: meta-architecture -> the config keys of its class counts and the metadata each counts.
+_CLASS_KEYS = {
+    "GeneralizedRCNN": [("MODEL.ROI_HEADS.NUM_CLASSES", "thing_classes")],
+    "PanopticFPN": [("MODEL.ROI_HEADS.NUM_CLASSES", "thing_classes"), ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "stuff_classes")],
+    "SemanticSegmentor": [("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "stuff_classes")],
+    "RetinaNet": [("MODEL.RETINANET.NUM_CLASSES", "thing_classes")],
+    "FCOS": [("MODEL.FCOS.NUM_CLASSES", "thing_classes")],
+}
+
+
+def check_num_classes(cfg: CfgNode) -> None:
+    """Every class count of the model (``MODEL.ROI_HEADS``/``RETINANET``/``FCOS``/``SEM_SEG_HEAD``
+    ``.NUM_CLASSES``, by meta-architecture) equals the number of classes of every train and test
+    dataset whose metadata lists them (``thing_classes`` / ``stuff_classes``; datasets without
+    that metadata are not checked). Raises ValueError naming the key, the dataset and its count
+    (a wrong count otherwise trains to the end and fails at evaluation)."""
+    from detectron2.data import MetadataCatalog
+
+    if cfg.MODEL.KEYPOINT_ON:
+        return
+    for key, field in _CLASS_KEYS.get(cfg.MODEL.META_ARCHITECTURE, []):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if key == "MODEL.ROI_HEADS.NUM_CLASSES" and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" \
+                and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
+            continue
+        for split in ("TRAIN", "TEST"):
+            for name in cfg.DATASETS[split]:
+                classes = MetadataCatalog.get(name).get(field)
+                if classes is not None and len(classes) != node:
+                    raise ValueError(
+                        f"{key}={node} but DATASETS.{split} {name!r} has {len(classes)} classes ({field}: "
+                        f"{', '.join(map(str, classes[:6]))}{', ...' if len(classes) > 6 else ''}): set {key} "
+                        f"{len(classes)}")
+
+
+def _builtin_dataset_names() -> set:
+    """The names detectron2 registers by itself (COCO, LVIS, Cityscapes, VOC, ADE20K, ...)."""
+    from detectron2.data.datasets import builtin
+
+    names = set()
+    for splits in getattr(builtin, "_PREDEFINED_SPLITS_COCO", {}).values():
+        names |= set(splits)
+    for attr in ("_PREDEFINED_SPLITS_COCO_PANOPTIC", "_PREDEFINED_SPLITS_LVIS", "_RAW_CITYSCAPES_SPLITS"):
+        value = getattr(builtin, attr, {})
+        for k, v in value.items():
+            names.add(k)
+            if isinstance(v, dict):
+                names |= set(v)
+    from detectron2.data import DatasetCatalog
+
+    return names | {n for n in DatasetCatalog.list() if n.startswith(("coco_", "lvis_", "cityscapes_", "voc_", "ade20k_",
+                                                                       "keypoints_coco"))}
 
 
 def check_datasets_registered(cfg: CfgNode) -> None:
@@ -162,10 +219,14 @@ def check_datasets_registered(cfg: CfgNode) -> None:
     for key in ("TRAIN", "TEST"):
         for name in cfg.DATASETS[key]:
             if name not in known:
+                builtin = _builtin_dataset_names()
+                own = sorted(known - builtin)
+                listed = own + sorted(known & builtin)
                 raise KeyError(
                     f"DATASETS.{key} names {name!r}, which is not registered; registered: "
-                    f"{', '.join(sorted(known)[:12])}{', ...' if len(known) > 12 else ''} (register your own with "
-                    "detectron2's DatasetCatalog.register before setup)"
+                    f"{', '.join(listed[:12])}{', ...' if len(listed) > 12 else ''}. Register a COCO-format set with "
+                    f"--dataset {name} <annotations.json> <image folder> (train_net.py), or with detectron2's "
+                    "DatasetCatalog.register before setup (README: 'Train on your own data')"
                 )
 
 

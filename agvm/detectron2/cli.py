@@ -35,8 +35,8 @@ from .config import add_agvm_config, rescale_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "preflight", "print_results", "setup_cfg",
-           "train_or_evaluate"]
+__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "preflight", "print_results", "register_datasets",
+           "setup_cfg", "train_or_evaluate"]
 
 
 def default_argument_parser(epilog: Optional[str] = None):
@@ -48,6 +48,9 @@ def default_argument_parser(epilog: Optional[str] = None):
     and a single machine picks a free local port. An explicit ``--dist-url`` always wins."""
     parser = _d2_argument_parser(epilog if epilog is not None else _agvm_epilog())
     parser.set_defaults(dist_url="auto")
+    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_DIR"),
+                        help="register a COCO-format dataset (instances JSON, image folder) under NAME, for "
+                             "DATASETS.TRAIN/TEST; repeatable. MODEL.*.NUM_CLASSES is checked against its categories")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of a configuration error (default: one line)")
     parser.add_argument("--max-iter", type=int, default=None, metavar="N",
@@ -94,6 +97,7 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     :func:`default_argument_parser`.
     """
     register_shapes()
+    register_datasets(getattr(args, "dataset", None) or [])
     cfg = get_cfg()
     add_agvm_config(cfg)
     for add in config_adders:
@@ -250,17 +254,47 @@ def launch_cli(main: Callable, argv=None):
                   dist_url=args.dist_url, args=(args,))
 
 
+def register_datasets(datasets: Sequence[Sequence[str]]) -> None:
+    """Register ``--dataset NAME JSON IMAGE_DIR`` entries: COCO-format instance sets (detectron2's
+    ``register_coco_instances``), their ``thing_classes`` read from the JSON's categories (sorted
+    by id, as detectron2 orders them) so that the class count is checked before training. A name
+    registered already with the same files is left alone. Raises ValueError for a missing file
+    or folder, or a name registered with other files."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    for name, json_file, image_root in datasets:
+        if not os.path.isfile(json_file):
+            raise ValueError(f"--dataset {name}: annotations {json_file}: no such file")
+        if not os.path.isdir(image_root):
+            raise ValueError(f"--dataset {name}: image folder {image_root}: no such folder")
+        meta = MetadataCatalog.get(name)
+        if name in DatasetCatalog.list():
+            if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
+                continue
+            raise ValueError(f"--dataset {name}: the name is registered already (with {meta.get('json_file')!r}); "
+                             "choose another name")
+        with open(json_file) as f:
+            categories = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
+        register_coco_instances(name, {}, json_file, image_root)
+        if categories:
+            MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
+
+
 def preflight(args) -> Optional[str]:
     """What :func:`launch_cli` checks before any process starts, from the command line alone:
     the config file exists, every key exists (with a "did you mean"), values merge, ``--max-iter``
     applies, and ``SOLVER.IMS_PER_BATCH`` splits over ``--num-gpus × --num-machines`` processes
     (:func:`agvm.detectron2.checks.check_split_batch`). Raises ValueError with a one-line
     message. Returns a note to print, or None: several CPU processes are about to start."""
-    from .checks import build_run_config, check_split_batch
+    from .checks import build_run_config, check_num_classes, check_split_batch
 
+    register_shapes()
+    register_datasets(getattr(args, "dataset", None) or [])
     cfg = build_run_config(args.config_file, args.opts or [], getattr(args, "max_iter", None))
     world = args.num_gpus * args.num_machines
     check_split_batch(cfg, world)
+    check_num_classes(cfg)
     if world > 1 and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--num-gpus {args.num_gpus} with MODEL.DEVICE {cfg.MODEL.DEVICE}, but no GPU is visible "
                          "(add MODEL.DEVICE cpu to run CPU processes on purpose)")
