@@ -247,7 +247,12 @@ def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str)
             next((g for g in runs if g.group == "anchor" and g.anchor == anchor), None)
         res = result(x, records_root) if x else {"ap": None, "status": "not planned"}
         lines.append(f"| {anchor} | {_f(res['ap'])} | {res['status']} |")
-    lines += ["", "## Commands", "", "```bash"]
+    return _write_with_commands(lines + [""], runs, records_root, path)
+
+
+def _write_with_commands(lines: List[str], runs, records_root: str, path: str) -> str:
+    """``lines`` plus a "Commands" section (each recorded run's command and exit code), written to ``path``."""
+    lines = lines + ["## Commands", "", "```bash"]
     for x in runs:
         rec = read_run(os.path.join(records_root, x.path))
         if rec:
@@ -346,23 +351,30 @@ def regime_section(name: str, runs: Sequence[Run], records_root: str) -> List[st
             for x in mine if x.batch == r["b0"] and results[x.name]["status"] == "ok"}
     deg = degraded(small, large)
     m, sd = mean_std(list(small.values()))
-    a_ok = bool(conv) and all(conv.values()) and len(conv) == len(seeds)
+    complete = set(PROTOCOL_SEEDS) <= set(seeds) and all(
+        x.seed not in PROTOCOL_SEEDS or results[x.name]["status"] in ("ok", "diverged") for x in mine)
+    a_fail = any(v is False for v in conv.values())  # a finished B0 run that has not converged: final
+    a_ok = complete and bool(conv) and all(conv.values())
     c_ok = s1["iters"] >= 200
-    if not (a_ok and deg["ok"] and c_ok):
+    if a_fail or not c_ok or (complete and not deg["ok"]):
         verdict = "not accepted"
-    elif set(PROTOCOL_SEEDS) <= set(seeds) and all(
-            x.seed not in PROTOCOL_SEEDS or results[x.name]["status"] in ("ok", "diverged") for x in mine):
+    elif a_ok and deg["ok"]:
         verdict = "accepted"
     else:
         verdict = f"met so far, pending the rest of seeds {', '.join(map(str, PROTOCOL_SEEDS))}"
+
+    def state(ok: bool, failed: bool, so_far: bool) -> str:
+        """A criterion's word: final once it failed or every seed ran, else how it stands so far."""
+        return "met" if ok else "not met" if failed else ("met so far" if so_far else "not met so far")
+
     lines += ["", f"- (a) B0 converged (AP at the end within 5 % of AP at 75 %): "
               + (", ".join(f"seed {k}: {'yes' if v else 'no'}" for k, v in sorted(conv.items())) or "no finished B0 run")
-              + f" → {'met' if a_ok else 'not met'}",
+              + f" → {state(a_ok, a_fail, bool(conv))}",
               f"- (b) B0 AP {_f(m)} ± {_f(sd)} over {len(small)} seed(s); per seed, the better of the two {big} "
               "baselines loses: " + (", ".join(
                   f"seed {k}: {_f(v['loss'])} AP ({_f(100 * v['relative'], 1) if v['relative'] is not None else '—'} %)"
                   for k, v in sorted(deg["per_seed"].items())) or "—")
-              + f"; needed ≥ 5 % and ≥ 3 std = {_f(deg['threshold'])} AP → {'met' if deg['ok'] else 'not met'}",
+              + f"; needed ≥ 5 % and ≥ 3 std = {_f(deg['threshold'])} AP → {state(complete and deg['ok'], complete and not deg['ok'], deg['ok'])}",
               f"- (c) {big} gets {s1['iters']} iterations (≥ 200) → {'met' if c_ok else 'not met'}",
               f"- **Verdict: {verdict}** (seeds {', '.join(map(str, seeds))}; the protocol's are "
               f"{', '.join(map(str, PROTOCOL_SEEDS))})", ""]
@@ -383,15 +395,7 @@ def write_report(runs: Sequence[Run], records_root: str, path: str, regimes: Seq
              "(2 at a time, one thread each).", ""]
     for name in regimes:
         lines += regime_section(name, runs, records_root)
-    lines += ["## Commands", "", "```bash"]
-    for x in runs:
-        rec = read_run(os.path.join(records_root, x.path))
-        if rec:
-            lines.append(f"{rec.get('command', '')}   # exit {rec.get('returncode', '?')}")
-    lines += ["```", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
+    return _write_with_commands(lines, runs, records_root, path)
 
 
 def recorded_regimes(records_root: str) -> List[str]:
