@@ -149,7 +149,7 @@ def test_reproduce_table_dry_run_prints_per_gpu_batch_and_accumulation(capsys):
 
 
 @pytest.mark.parametrize("config, grid, message", [
-    (AGVM_MINI, "SOLVER.AGVM.MOMENTOM=0.9,0.97", "Non-existent key: SOLVER.AGVM.MOMENTOM"),
+    (AGVM_MINI, "SOLVER.AGVM.MOMENTOM=0.9,0.97", "unknown config key SOLVER.AGVM.MOMENTOM; did you mean SOLVER.AGVM.MOMENTUM"),
     (AGVM_MINI, "SOLVER.AGVM.INTERVAL=0,10", "SOLVER.AGVM.INTERVAL=0 must be an integer ≥ 1"),
     (os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "faster_rcnn_R18_FPN_shapes.yaml"),
      "SOLVER.AGVM.MOMENTUM=0.9,0.97", "SOLVER.AGVM.MOMENTUM=0.9 would have no effect"),
