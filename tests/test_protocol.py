@@ -60,7 +60,8 @@ def test_paired_difference():
 
 def test_stage1_report_regenerates_from_the_committed_records(tmp_path):
     """`scripts/evidence.py --report-only` on a copy of the committed run records writes the
-    committed results/evidence/stage1.md byte for byte (no clock, no machine state in it)."""
+    committed results/evidence/stage1.md (and stage2.md) byte for byte (no clock, no machine
+    state in them)."""
     import pathlib
     import shutil
     import subprocess
@@ -73,3 +74,7 @@ def test_stage1_report_regenerates_from_the_committed_records(tmp_path):
     subprocess.run([sys.executable, str(root / "scripts" / "evidence.py"), "--report-only", "--records", str(copy)],
                    check=True, capture_output=True, cwd=tmp_path)
     assert (copy / "stage1.md").read_text() == (committed / "stage1.md").read_text()
+    for regime in sorted(p.name for p in (committed / "runs" / "stage2").glob("*")):  # stage 2, once it has records
+        subprocess.run([sys.executable, str(root / "scripts" / "evidence.py"), "--stage", "2", "--regime", regime,
+                        "--report-only", "--records", str(copy)], check=True, capture_output=True, cwd=tmp_path)
+        assert (copy / "stage2.md").read_text() == (committed / "stage2.md").read_text()
