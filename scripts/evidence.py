@@ -223,7 +223,8 @@ def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str)
         m, sd = mean_std([a for a in aps if a is not None])
         lr = next((q["lr"] for q in res if q["lr"] is not None), None)
         lines.append(f"| {batch} | {METHOD_LABELS[method]} | {_f(lr, 4)} | {schedule(r, batch)['iters']} | "
-                     f"{_f(m)} ± {_f(sd)} | {sum(q['status'] == 'diverged' for q in res)}/{len(xs)} | "
+                     f"{_f(m)}{f' ± {_f(sd)}' if len([a for a in aps if a is not None]) > 1 else ''} | "
+                     f"{sum(q['status'] == 'diverged' for q in res)}/{len(xs)} | "
                      f"{sum(a is not None for a in aps)}/{len(xs)} |")
     lines += ["", "## AGVM − twin, paired by seed", "",
               "| batch | per seed | mean ± std | AGVM ahead |", "|---|---|---|---|"]
