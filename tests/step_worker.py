@@ -92,4 +92,5 @@ def run(rank, world, port, out_dir, iters):
                 step.run_step()
         out = {"params": {n: p.detach().clone() for n, p in net.named_parameters()}, "skipped": step.nonfinite_total}
         torch.save(out, f"{out_dir}/{scenario}_rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT in gloo)
     dist.destroy_process_group()

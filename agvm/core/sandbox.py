@@ -115,11 +115,9 @@ def _generator_state(value):
             return value.get_state()
         if isinstance(value, np.random.Generator):
             return value.bit_generator.state
-        if isinstance(value, random.Random):
-            return value.getstate()
-    except NotImplementedError:
+        return value.getstate()  # random.Random
+    except NotImplementedError:  # random.SystemRandom keeps no state
         return None
-    return None
 
 
 def _set_generator_state(value, state) -> None:

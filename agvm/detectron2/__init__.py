@@ -15,7 +15,6 @@ from .cli import build_evaluator, default_argument_parser, launch_cli, print_res
 from .groups import DEFAULT_MODULE_ORDER, default_rules, group_parameters, module_of_parameters
 from .launch import launch
 from .defaults import AGVMTrainer, Trainer, install_agvm_hook
-from .resume import ResumableTrainingSampler
 from .train_loop import AGVMStepTrainer, split_batch
 from . import pretrained  # noqa: F401  (registers the agvm-pretrained:// PathManager handler)
 
@@ -24,7 +23,6 @@ __all__ = [
     "AGVMTrainer",
     "DEFAULT_MODULE_ORDER",
     "OPTIMIZERS",
-    "ResumableTrainingSampler",
     "Trainer",
     "add_agvm_config",
     "add_solver_config",

@@ -53,10 +53,11 @@ def ineffective_keys(cfg: CfgNode) -> List[str]:
 
 
 def build_run_config(config_file: str, opts: Sequence[str] = (), max_iter: Optional[int] = None,
-                     what: str = "") -> CfgNode:
-    """detectron2's defaults + agvm's keys + ``config_file`` + the ``KEY VALUE`` ``opts`` (+
-    ``--max-iter``), unfrozen and unchecked. Raises ValueError starting with ``what``: a missing
-    file names the path; an unknown key names it with the closest existing keys ("did you mean")."""
+                     what: str = "", config_adders: Sequence = ()) -> CfgNode:
+    """detectron2's defaults + agvm's keys + each ``config_adders`` function + ``config_file`` +
+    the ``KEY VALUE`` ``opts`` (+ ``--max-iter``), unfrozen and unchecked. Raises ValueError
+    starting with ``what``: a missing file names the path; an unknown key names it with the
+    closest existing keys ("did you mean")."""
     import difflib
     import os
 
@@ -68,6 +69,8 @@ def build_run_config(config_file: str, opts: Sequence[str] = (), max_iter: Optio
         raise ValueError(f"{what}--config-file {config_file}: no such file")
     cfg = get_cfg()
     add_agvm_config(cfg)
+    for add in config_adders:
+        add(cfg)
     try:
         if config_file:
             cfg.merge_from_file(config_file)
@@ -173,15 +176,10 @@ def check_num_classes(cfg: CfgNode) -> None:
     (a wrong count otherwise trains to the end and fails at evaluation)."""
     from detectron2.data import MetadataCatalog
 
-    if cfg.MODEL.KEYPOINT_ON:
-        return
     for key, field in _CLASS_KEYS.get(cfg.MODEL.META_ARCHITECTURE, []):
         node = cfg
         for part in key.split("."):
             node = node[part]
-        if key == "MODEL.ROI_HEADS.NUM_CLASSES" and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" \
-                and cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
-            continue
         for split in ("TRAIN", "TEST"):
             for name in cfg.DATASETS[split]:
                 classes = MetadataCatalog.get(name).get(field)

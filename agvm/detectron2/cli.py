@@ -30,7 +30,7 @@ from ..data.builtin import check_datasets
 from ..data.register import prepare_datasets, register_shapes
 from ..evaluation import PanopticQualityEvaluator
 from ..solver import scale_lr
-from .checks import validate_config
+from .checks import build_run_config, validate_config
 from .config import add_agvm_config, rescale_config
 
 logger = logging.getLogger(__name__)
@@ -98,13 +98,7 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     """
     register_shapes()
     register_datasets(getattr(args, "dataset", None) or [])
-    cfg = get_cfg()
-    add_agvm_config(cfg)
-    for add in config_adders:
-        add(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
+    cfg = build_run_config(args.config_file, args.opts or [], config_adders=config_adders)
     rescaled = rescale_config(cfg, getattr(args, "max_iter", None))
     scaling = cfg.SOLVER.LR_SCALING
     if scaling.RULE != "none":

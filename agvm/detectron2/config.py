@@ -155,7 +155,7 @@ def rescale_config(cfg: CN, max_iter: Optional[int]) -> list:
             node = node[part]
         old = node[name[-1]]
         value = type(old)(new[field]) if isinstance(old, (list, tuple)) else new[field]
-        if tuple(old) != tuple(value) if isinstance(old, (list, tuple)) else old != value:
+        if old != value:
             changes.append(f"{key} {old} → {value}")
         node[name[-1]] = value
     return changes

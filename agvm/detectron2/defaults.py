@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import weakref
 
 import torch
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
@@ -28,7 +27,7 @@ from .checkpoint import SafeCheckpointer
 from .checks import validate_config
 from .cli import build_evaluator
 from .loader import ResumableTrainLoader
-from .resume import RankRNG, _find_sampler, _share_iterator
+from .resume import RankRNG, _share_iterator
 from .train_loop import AGVMStepTrainer
 from .writers import ExactJSONWriter, ExactTensorboardWriter, truncate_metrics
 
@@ -107,9 +106,7 @@ class AGVMTrainer(Trainer):
             hooks_.insert(at, PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
         self._periodic_writers = [h for h in hooks_ if isinstance(h, PeriodicWriter)]
         self.checkpointer.before_save = self._flush_metrics
-        # (called from DefaultTrainer.__init__, before the AGVM step replaces self._trainer)
-        me = weakref.ref(self)
-        self.checkpointer.per_rank = RankRNG(lambda: getattr(me()._trainer, "checkpoint_rng", None) if me() else None)
+        self.checkpointer.per_rank = RankRNG()
         return hooks_
 
     def _flush_metrics(self):
@@ -142,7 +139,7 @@ class AGVMTrainer(Trainer):
         detectron2's loader, whose resume is not exact (warned)."""
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning(f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r}: detectron2's train loader; a "
-                           "resumed run skips images by count and re-draws augmentations (not an exact resume)")
+                           "resumed run starts that sampler's stream anew (not an exact resume)")
             return super().build_train_loader(cfg)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
@@ -222,16 +219,9 @@ class AGVMTrainer(Trainer):
                 # draw here, so that the model's draws (RPN/RoI sampling) are stock's
                 torch.empty((), dtype=torch.int64).random_()
         elif self.start_iter > 0:
-            sampler = _find_sampler(self._trainer.data_loader)
-            if sampler is None:
-                logger.warning("resuming with a sampler that cannot skip: the data order differs from an uninterrupted run")
-                return
-            per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            sampler.skip = self.start_iter * per_rank
-            _share_iterator(self._trainer, None)
-            # a fresh DataLoader iterator draws its base seed from torch's RNG on its first
-            # next(), which the uninterrupted run did at iteration 0: undo that draw
-            self._trainer.restore_torch_rng_after_next = torch.get_rng_state()
+            logger.warning(f"resuming with DATALOADER.SAMPLER_TRAIN={self.cfg.DATALOADER.SAMPLER_TRAIN!r}: detectron2's loader "
+                           "starts its stream anew (as stock detectron2 does); the data order differs from an "
+                           "uninterrupted run")
 
 
 def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM, compress_fp16: bool = False) -> AGVMHookState:

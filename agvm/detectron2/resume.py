@@ -1,26 +1,22 @@
 """Exact resume: each rank's RNG state (:class:`RankRNG`), the data iterator.
 
 The data position is the train loader's (:class:`agvm.detectron2.loader.ResumableTrainLoader`,
-started at the resumed iteration's batch). :class:`ResumableTrainingSampler` (skip the first
-``iteration × per-rank batch`` indices) is kept for code that builds its own loader; it is exact
-only without aspect-ratio grouping (or with images of one orientation).
+started at the resumed iteration's batch).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
-__all__ = ["RankRNG", "ResumableTrainingSampler", "set_data_iterator"]
+__all__ = ["RankRNG", "set_data_iterator"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +54,9 @@ class RankRNG:
     A resume at another world size restores the ranks that have a file and warns; a rank
     without one (a new rank, a checkpoint written by rank 0 alone, an older checkpoint) keeps
     the fresh stream it was seeded with (``SEED + rank``) and warns: it never takes rank 0's
-    stream. Rank 0 then falls back on the rank-0 copy inside the checkpoint, if any
-    (``rank0_copy``: a callable returning it or None).
+    stream. Rank 0 without a file keeps the RNG state stored inside the checkpoint itself
+    (rank 0's, put back by the step trainer's ``load_state_dict``).
     """
-
-    def __init__(self, rank0_copy: Optional[Callable[[], Optional[dict]]] = None):
-        self.rank0_copy = rank0_copy
 
     def state_dict(self) -> dict:
         return {"rank": comm.get_rank(), "world_size": comm.get_world_size(), "rng": _rng_state()}
@@ -77,10 +70,9 @@ class RankRNG:
                       "that have a saved RNG state continue it, the others start fresh streams; the run is not an "
                       "exact continuation")
             return
-        copy = self.rank0_copy() if (rank == 0 and self.rank0_copy is not None) else None
-        if copy is not None:
-            _set_rng_state(copy)
-            logger.info(f"rank 0: no per-rank RNG file for {checkpoint}; restored the checkpoint's rank-0 copy")
+        if rank == 0:
+            logger.info(f"rank 0: no per-rank RNG file for {checkpoint}; the RNG state stored in the checkpoint "
+                        "(rank 0's), if any, applies")
             return
         _warn(f"rank {rank}: no saved RNG state for this rank beside {checkpoint} (written at another world size, by "
               "rank 0 alone, or by an older version): this rank keeps its own fresh RNG stream (not rank 0's); "
@@ -90,16 +82,6 @@ class RankRNG:
 def _warn(message: str) -> None:
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-class ResumableTrainingSampler(TrainingSampler):
-    """detectron2's ``TrainingSampler`` that can skip its first ``skip`` indices (per rank),
-    so that a resumed run reads the same images as an uninterrupted one."""
-
-    skip = 0
-
-    def __iter__(self):
-        yield from itertools.islice(super().__iter__(), self.skip, None)
 
 
 def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None:
@@ -120,22 +102,3 @@ def set_data_iterator(step: SimpleTrainer, iterator) -> None:
         step._data_loader_iter_obj = iterator
     else:
         step._data_loader_iter = iterator
-
-
-def _find_sampler(loader, depth: int = 6) -> Optional[ResumableTrainingSampler]:
-    """The ResumableTrainingSampler inside a detectron2 train loader, if any."""
-    seen, frontier = set(), [loader]
-    for _ in range(depth):
-        nxt = []
-        for obj in frontier:
-            if isinstance(obj, ResumableTrainingSampler):
-                return obj
-            if id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            for attr in ("dataset", "sampler", "_sampler", "batch_sampler"):
-                child = getattr(obj, attr, None)
-                if child is not None:
-                    nxt.append(child)
-        frontier = nxt
-    return None

@@ -146,8 +146,6 @@ class AGVMStepTrainer(SimpleTrainer):
         if amp and grad_scaler is None:
             grad_scaler = torch.amp.GradScaler(self.amp_device)
         self.grad_scaler = grad_scaler
-        # set on resume: the torch RNG state to put back after the next data fetch
-        self.restore_torch_rng_after_next = None
 
     @property
     def agvm(self) -> Optional[AGVM]:
@@ -174,9 +172,6 @@ class AGVMStepTrainer(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        if self.restore_torch_rng_after_next is not None:
-            torch.set_rng_state(self.restore_torch_rng_after_next)
-            self.restore_torch_rng_after_next = None
         iteration = self.iter
         if self.sam_rho is not None:
             self._sam_step(data, data_time, iteration)
@@ -401,9 +396,8 @@ class AGVMStepTrainer(SimpleTrainer):
         super().load_state_dict(state_dict)
         # "rng" is the state of the rank that wrote the checkpoint (rank 0): only rank 0 takes it.
         # Every rank's own state comes from its file beside the checkpoint (resume.RankRNG).
-        self.checkpoint_rng = state_dict.get("rng")
-        if self.checkpoint_rng is not None and comm.get_rank() == 0:
-            _set_rng_state(self.checkpoint_rng)
+        if "rng" in state_dict and comm.get_rank() == 0:
+            _set_rng_state(state_dict["rng"])
         self.nonfinite_total = int(state_dict.get("nonfinite_total", 0))
         self.nonfinite_run = int(state_dict.get("nonfinite_run", 0))
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
