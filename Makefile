@@ -4,6 +4,7 @@
 #   make test-slow  the long tests (marked `slow`)
 #   make test-install  `pip install .` into a fresh venv + install_detectron2.sh (marked `install`)
 #   make demo       install if needed, then the demo: AGVM vs its μ = 1 twin at batch 32 (CPU, ~5 min)
+#   make pretrained  build (or verify) the mini pretrained backbone agvm-pretrained://shapes_r18 (CPU, ~2 min, once)
 #   make clean      remove .venv and output/
 
 PYTHON3 ?= python3
@@ -12,7 +13,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.agvm-installed
 PYTEST_ARGS ?=
 
-.PHONY: reproduce-mini install test test-slow test-install demo clean
+.PHONY: reproduce-mini install test test-slow test-install demo pretrained clean
 
 install: $(STAMP)
 
@@ -35,6 +36,10 @@ test-install: install
 
 demo: install
 	$(PY) scripts/demo.py
+
+# the mini configs' pretrained backbone, cached under $AGVM_DATASETS (train_net.py builds it when missing)
+pretrained: install
+	$(PY) -m agvm.data.pretrained
 
 clean:
 	rm -rf $(VENV) output

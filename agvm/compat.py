@@ -17,6 +17,10 @@ fixes exactly those points, each only when the installed detectron2 needs it:
 ``groupnorm-probe``
     0.6's RetinaNet/FCOS head probes the norm type with ``get_norm(norm, 1)``, which today's
     ``nn.GroupNorm`` rejects (1 channel, 32 groups); the probe gets a valid channel count.
+``local-process-group``
+    ``detectron2.utils.comm.create_local_process_group(num_workers_per_machine)`` (detectron2
+    main's way to set the per-machine process group behind ``comm.get_local_rank()``) is added
+    where 0.6 lacks it, so a launcher sets that group the same way on both versions.
 ``missing-cpp-ops``
     ``detectron2._C`` becomes a placeholder whose attributes raise :class:`MissingCppOpError`
     (an ``AttributeError``) naming the op and the remedy; the fast COCO evaluation falls back
@@ -183,6 +187,36 @@ def _cpp_ops_missing(package: str) -> bool:
     return finder.find_spec(f"{package}._C", list(pkg_spec.submodule_search_locations)) is None
 
 
+def _comm_lacks_local_group(package: str) -> bool:
+    pkg_spec = importlib.util.find_spec(package)  # (imports nothing of the package)
+    for location in (pkg_spec.submodule_search_locations or []) if pkg_spec else []:
+        path = os.path.join(location, "utils", "comm.py")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return "def create_local_process_group" not in f.read()
+    return False
+
+
+def _local_process_group_creator(comm: types.ModuleType):
+    """detectron2 main's ``comm.create_local_process_group`` for 0.6's ``comm`` module: every
+    rank creates every machine's group (``new_group`` is collective) and keeps its own machine's
+    as the module's local group."""
+
+    def create_local_process_group(num_workers_per_machine: int) -> None:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % num_workers_per_machine:
+            raise ValueError(f"{world} processes do not split into machines of {num_workers_per_machine}")
+        for machine in range(world // num_workers_per_machine):
+            ranks = list(range(machine * num_workers_per_machine, (machine + 1) * num_workers_per_machine))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                comm._LOCAL_PROCESS_GROUP = group
+
+    return create_local_process_group
+
+
 def needed_patches(package: str = "detectron2") -> List[str]:
     """Names of the patches the installed ``package`` needs in this environment.
 
@@ -203,6 +237,8 @@ def needed_patches(package: str = "detectron2") -> List[str]:
         needed.append("groupnorm-probe")
     if _cpp_ops_missing(package):
         needed.append("missing-cpp-ops")
+    if _comm_lacks_local_group(package):
+        needed.append("local-process-group")
     return needed
 
 
@@ -254,6 +290,9 @@ class _PatchingLoader(importlib.abc.Loader):
 
             # coco_evaluation imports this name afterwards and gets the official implementation
             module.COCOeval_opt = COCOeval
+        if "local-process-group" in self._patches and name == f"{self._package}.utils.comm":
+            if not hasattr(module, "create_local_process_group"):
+                module.create_local_process_group = _local_process_group_creator(module)
 
 
 class _PatchingFinder(importlib.abc.MetaPathFinder):

@@ -78,10 +78,10 @@ def build(batch: int, n_batches: int):
 def run_one(step, batch_data, flavour: str, iteration: int) -> float:
     import torch
 
-    from agvm.detectron2.resume import _share_iterator
+    from agvm.detectron2.resume import set_data_iterator
 
     step.data_loader = [batch_data]
-    _share_iterator(step, None)
+    set_data_iterator(step, iter(step.data_loader))
     step.iter = iteration
     if flavour == "ordinary":
         step.optimizer.should_estimate = lambda it: False

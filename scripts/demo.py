@@ -10,9 +10,9 @@ at a large batch for this scale (32 images, 4× the mini baseline's 8), twice, s
   0.08, diverged in this regime, so the baseline is AGVM's μ = 1 twin);
 * ``agvm``: the same LR, warm-up, clipping, model and data with μ = sqrt(Φ_backbone / Φ_module).
 
-Both go through ``agvm.runner`` (the runner of every experiment script): one thread each (fixed,
-so the same command gives the same numbers), their log paths printed at start and a progress
-line every 30 s. At the end it prints a per-module table — Φ of the baseline (mean over its
+Both go through ``agvm.runner.execute`` (the loop of every experiment script), always run afresh
+(``rerun``: their folders cleared first): one thread each (fixed, so the same command gives the
+same numbers), their log paths printed at start and a progress line every 30 s. At the end it prints a per-module table — Φ of the baseline (mean over its
 estimates), μ of the AGVM run (final) — both box APs and wall times, and writes
 ``<output>/summary.md`` and a Figure-1 style PNG (``<output>/phi_mu.png``: Φ per module of the
 baseline, μ per module of the AGVM run). The first call also generates the shapes dataset and
@@ -28,11 +28,9 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from agvm.results import cell_result, curves, read_metrics  # noqa: E402
-from agvm.runner import machine, parse_with_overrides, run_all, run_logged  # noqa: E402
+from agvm.results import cell_result, curves, read_metrics
+from agvm.runner import REPO_ROOT as ROOT
+from agvm.runner import Run, execute, machine, parse_with_overrides
 
 TRAIN_NET = "projects/faster_rcnn/train_net.py"
 CONFIGS = "projects/faster_rcnn/configs/mini/pretrained"
@@ -45,7 +43,7 @@ def prepare() -> float:
     t0 = time.time()
     import agvm  # noqa: F401
     from agvm.data import ensure_shapes
-    from agvm.detectron2.pretrained import ensure_pretrained
+    from agvm.data.pretrained import ensure_pretrained
 
     ensure_shapes()
     ensure_pretrained()
@@ -113,22 +111,10 @@ def main(argv=None) -> int:
     t_prepare = prepare()
     print(f"dataset and pretrained backbone ready ({t_prepare:.0f} s; cached after the first call)", flush=True)
     outputs = {name: os.path.join(os.path.abspath(args.output), name) for name in RUNS}
-
-    def one(name, threads):
-        out = outputs[name]
-        if os.path.isdir(out):
-            import shutil
-
-            shutil.rmtree(out)  # metrics.json appends: every demo starts afresh
-        cmd = [sys.executable, TRAIN_NET, "--config-file", RUNS[name], "OUTPUT_DIR", out]
-        if args.max_iter is not None:
-            cmd += ["SOLVER.MAX_ITER", str(args.max_iter)]
-        cmd += args.opts
-        rec = run_logged(cmd, out, {"cell": name}, cwd=ROOT, threads=1, progress=lambda t: print(t, flush=True),
-                         every_s=30.0)
-        return f"{name}: exit {rec['returncode']} in {rec['wall_s'] / 60:.1f} min"
-
-    run_all(list(RUNS), one, jobs=1 if args.sequential else len(RUNS), print_fn=lambda s: print(s, flush=True))
+    extra = (["SOLVER.MAX_ITER", str(args.max_iter)] if args.max_iter is not None else []) + list(args.opts)
+    runs = [Run(name, config, outputs[name], TRAIN_NET, opts=list(extra)) for name, config in RUNS.items()]
+    # every demo starts afresh (rerun; each folder cleared first: metrics.json appends), one thread per run
+    execute(runs, jobs=1 if args.sequential else len(RUNS), rerun=True, threads=1, every_s=30.0)
     failed = [n for n, out in outputs.items() if cell_result(out, ("bbox", "AP"))["status"] != "ok"]
     text = summarize(outputs)
     png = plot(outputs, os.path.join(args.output, "phi_mu.png"))

@@ -12,10 +12,12 @@ is within 5 % of its AP at 75 % of training, (b) the better 16·B0 baseline lose
 
 Each run trains into ``--output-root`` (checkpoints, events: not committed) and its small
 records (``config.yaml``, ``metrics.json``, ``eval_results.json``, ``agvm_run.json``) are copied
-to ``results/evidence/runs/stage1/<regime>/<run>/``, which are committed. A run whose record
-exists with an exit code and the same config fingerprint is reused, so the plan resumes and a
-later call extends it; ``--report-only`` rewrites ``results/evidence/stage1.md`` from the
-committed records alone (byte-for-byte the same for the same records).
+to ``results/evidence/runs/stage1/<regime>/<run>/``, which are committed. The plan goes through
+``agvm.runner.execute``, whose reuse rule reads those records: a run recorded with the same
+config fingerprint that finished, or diverged (a non-finite loss stopped it: a result the
+protocol counts), is not run again, so the plan resumes and a later call extends it; a failed
+run runs again. ``--report-only`` rewrites ``results/evidence/stage1.md`` from the committed
+records alone (byte-for-byte the same for the same records).
 
 Stage 2 (``--stage 2 --regime NAME``, the regime stage 1 accepted, or the one that came
 closest) runs once, with the stage-1 settings: B0 (MegDet), 4·B0 and 16·B0 (MegDet with the
@@ -32,28 +34,20 @@ difference per seed).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shlex
-import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from agvm.protocol import converged, degraded, mean_std, paired_difference  # noqa: E402
-from agvm.results import read_metrics, read_run  # noqa: E402
-from agvm.runner import config_fingerprint, run_all, run_logged, stale_reason  # noqa: E402
+from agvm import runner
+from agvm.protocol import converged, degraded, mean_std, paired_difference
+from agvm.results import read_metrics, read_run
+from agvm.runner import REPO_ROOT as ROOT
 
 TRAIN_NET = "projects/faster_rcnn/train_net.py"
 CONFIG = "projects/faster_rcnn/configs/mini/pretrained/megdet.yaml"  # SGD, linear rule from (8 images, 0.02)
-RECORD_FILES = ("config.yaml", "metrics.json", "eval_results.json", "agvm_run.json")
 PROTOCOL_SEEDS = (0, 1, 2)  # a regime is accepted only when every criterion holds on all of them
-TAIL_LINES = 15  # the end of a run's console output, kept as stdout_tail.log (why it stopped)
 
 #: Candidate regimes, tried in this order. size: image side in px (train and test); images:
 #: training images of the shapes set; epochs: passes over them at every batch; b0: the small
@@ -264,23 +258,14 @@ def _write_with_commands(lines: List[str], runs, records_root: str, path: str) -
     return path
 
 
-def command(run, out: str) -> List[str]:
-    config = getattr(run, "config", CONFIG)
-    return [sys.executable, TRAIN_NET, "--config-file", config, "OUTPUT_DIR", out, *run.opts]
-
-
-def copy_records(out: str, records: str) -> None:
-    os.makedirs(records, exist_ok=True)
-    for name in RECORD_FILES:
-        src = os.path.join(out, name)
-        if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(records, name))
-    log = os.path.join(out, "stdout.log")
-    if os.path.exists(log):
-        with open(log, errors="replace") as f:
-            tail = f.read().splitlines()[-TAIL_LINES:]
-        with open(os.path.join(records, "stdout_tail.log"), "w") as f:
-            f.write("\n".join(tail) + "\n")
+def job(x, args, records_root: str) -> runner.Run:
+    """What ``agvm.runner.execute`` runs for the planned run ``x`` (stage 1 or 2): it trains into
+    ``<output-root>/<path>`` and its small records are copied to ``<records>/runs/<path>``."""
+    run = runner.Run(x.path, getattr(x, "config", CONFIG), os.path.join(args.output_root, x.path), TRAIN_NET,
+                     opts=list(x.opts), records=os.path.join(records_root, x.path), info={"regime": x.regime}, meta=x)
+    run.line = (run.display.replace(sys.executable, "python").replace(ROOT + os.sep, "")
+                .replace(args.output_root, "output/evidence"))
+    return run
 
 
 def evaluations(records: str) -> Dict[int, float]:
@@ -459,8 +444,8 @@ def main(argv=None) -> int:
 
 
 def execute(args, runs, records_root: str, report) -> int:
-    """Run what is not yet recorded (a record with an exit code and the same config fingerprint
-    is reused), two at a time by default; copy each run's records; write the report."""
+    """Check every run's config, then run what is not yet recorded (``agvm.runner.execute``),
+    two at a time by default, and write the report."""
     from agvm.detectron2.checks import check_run_config
 
     for x in runs:  # every run's config built and checked before anything starts
@@ -469,37 +454,23 @@ def execute(args, runs, records_root: str, report) -> int:
         except ValueError as e:
             print(f"evidence.py: error: {e}", file=sys.stderr)
             return 2
-    pending = []
-    for x in runs:
-        fp = config_fingerprint(os.path.join(ROOT, getattr(x, "config", CONFIG)), x.opts)
-        folder = os.path.join(records_root, x.path)
-        if (read_run(folder) or {}).get("returncode") is not None and stale_reason(folder, fp) is None:
-            continue  # finished with this config: reused
-        pending.append((x, fp))
-    if args.dry_run:
-        for x, _ in pending:
-            print(" ".join(shlex.quote(c) for c in command(x, os.path.join(args.output_root, x.path))))
-        print(f"# {len(pending)} of {len(runs)} runs to do; dry run: nothing run or written", file=sys.stderr)
-        return 0
-    from agvm.detectron2.pretrained import ensure_pretrained
 
-    ensure_pretrained()
-    os.environ["AGVM_SHAPES_NUM_TRAIN"] = str(REGIMES[runs[0].regime]["images"]) if runs else ""
+    def prepare():
+        from agvm.data.pretrained import ensure_pretrained
 
-    def one(item, threads):
-        x, fp = item
-        out = os.path.join(args.output_root, x.path)
-        cmd = command(x, out)
-        line = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python").replace(ROOT + os.sep, "")
-        line = line.replace(args.output_root, "output/evidence")
-        rec = run_logged(cmd, out, {"cell": x.path, "fingerprint": fp, "regime": x.regime}, cwd=ROOT, threads=threads,
-                         line=line, progress=lambda t: print(t, flush=True), every_s=300.0)
-        copy_records(out, os.path.join(records_root, x.path))
-        res = result(x, records_root)
-        return f"{x.path}: {res['status']} AP75 {_f(res['ap75'])} AP {_f(res['ap'])} in {rec['wall_s'] / 60:.1f} min"
+        ensure_pretrained()
 
-    run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
-    print("wrote", report())
+    def describe(done: runner.Result) -> str:
+        res = result(done.run.meta, records_root)
+        return (f"{done.run.name}: {res['status']} AP75 {_f(res['ap75'])} AP {_f(res['ap'])} "
+                f"in {done.record['wall_s'] / 60:.1f} min")
+
+    if runs:
+        os.environ["AGVM_SHAPES_NUM_TRAIN"] = str(REGIMES[runs[0].regime]["images"])
+    runner.execute([job(x, args, records_root) for x in runs], args.jobs, dry_run=args.dry_run, every_s=300.0,
+                   describe=describe, prepare=prepare)
+    if not args.dry_run:
+        print("wrote", report())
     return 0
 
 

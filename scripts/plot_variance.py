@@ -19,11 +19,8 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from agvm.plots import KIND_LABELS, plot_runs  # noqa: E402
-from agvm.results import curves, read_metrics  # noqa: E402
+from agvm.plots import KIND_LABELS, plot_runs
+from agvm.results import curves, read_metrics
 
 
 def expand_runs(paths):

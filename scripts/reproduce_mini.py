@@ -3,9 +3,10 @@
 
 Everything starts from the pretrained mini backbone (``agvm-pretrained://shapes_r18``; FPN and
 heads fresh, the paper's regime) on the embedded shapes dataset, mini Faster R-CNN (R-18-FPN,
-128 px). Three experiments, one plan, one runner (``agvm.runner``: 2 runs at a time by default,
-each with its share of the threads, a progress line per finished run with an ETA; finished runs
-are reused unless their config changed, so the command resumes):
+128 px). Three experiments on one runner (``agvm.runner.execute``: 2 runs at a time by default,
+each with its share of the threads, a progress line per finished run with an ETA; a run that
+finished or diverged is reused unless its config changed, so the command resumes): 1 and 2 one
+plan, 3 its project's own script after them:
 
 1. **Same-epoch batch scaling with seeds.** Batches ``--batches`` (default 4, 8, 16, 32, 64: a
    16× span) at the same ``--epochs``; at each batch above the smallest: MegDet (SGD, the linear
@@ -15,8 +16,11 @@ are reused unless their config changed, so the command resumes):
    Warm-up: ``--warmup-images`` images; τ: ``--tau`` (default 2) iterations.
 2. **α × τ at the largest batch**: α in ``--grid-alpha`` (0, 0.9, 0.97) × τ in ``--grid-tau``
    (2, 10), seed 0 (the paper: α = 0 diverges).
-3. **The effective-batch experiment** (``scripts/effective_batch.py``'s four RetinaNet variants
-   in MEASURE_ONLY mode), when that script is present.
+3. **The effective-batch experiment** (``projects/effective_batch``'s four RetinaNet variants in
+   MEASURE_ONLY mode), at ``--scale cpu``: ``projects/effective_batch/run_experiment.py --jobs N``
+   (``--dry-run`` passed on) runs in a child process after the plan of 1 and 2 (its configs are
+   checked with the others, before anything starts; a finished variant is reused, as there); its
+   runs go to output/effective_batch, its report to results/effective_batch.
 
 Settings are chosen once for all methods before the comparison (module docstring and
 ``--help`` defaults), not tuned per method on the validation set. The report,
@@ -38,18 +42,20 @@ import math
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from agvm.results import cell_result, curves, read_metrics, read_run  # noqa: E402
-from agvm.runner import config_fingerprint, machine, run_all, run_logged, stale_reason  # noqa: E402
+from agvm import runner
+from agvm.results import cell_result, curves, read_metrics, read_run
+from agvm.runner import REPO_ROOT as ROOT
+from agvm.runner import machine
 
 TRAIN_NET = "projects/faster_rcnn/train_net.py"
+#: experiment 3, run as a script (in a child process: the project's code stays in the project)
+EFFECTIVE_BATCH = "projects/effective_batch/run_experiment.py"
 CONFIGS = "projects/faster_rcnn/configs/mini/pretrained"
 #: method -> config (relative to the repository root); the plan sets batch, schedule, LR point, τ
 METHOD_CONFIGS = {"megdet": f"{CONFIGS}/megdet.yaml", "agvm": f"{CONFIGS}/b32_agvm.yaml", "twin": f"{CONFIGS}/b32_twin.yaml"}
@@ -67,10 +73,10 @@ SCALES = {
 
 @dataclass
 class Run:
-    """One training run of the plan."""
+    """One training run of the plan, as the report sees it (:func:`job`: the run itself)."""
 
     name: str  # output folder name
-    experiment: str  # "scaling", "alpha_tau" or "effective_batch"
+    experiment: str  # "scaling" or "alpha_tau" (experiment 3 runs apart: :func:`effective_batch`)
     method: str
     batch: int
     seed: int
@@ -119,8 +125,9 @@ def plan(args) -> List[Run]:
     return runs
 
 
-def command(run: Run, out: str) -> List[str]:
-    return [sys.executable, TRAIN_NET, "--config-file", run.config, "OUTPUT_DIR", out, *run.opts]
+def job(run: Run, output_root: str) -> runner.Run:
+    """What ``agvm.runner.execute`` runs for ``run``: ``train_net.py`` into ``<output_root>/<name>``."""
+    return runner.Run(run.name, run.config, os.path.join(output_root, run.name), TRAIN_NET, opts=list(run.opts), meta=run)
 
 
 def check_plan(runs: Sequence[Run]) -> None:
@@ -240,25 +247,14 @@ def plot_scaling(runs: Sequence[Run], root: str, path: str) -> Optional[str]:
     return path
 
 
-def effective_batch_script():
-    """``scripts/effective_batch.py`` as a module (experiment 3)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("effective_batch", os.path.join(ROOT, "scripts", "effective_batch.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["effective_batch"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def effective_batch_section(args) -> List[str]:
-    """Experiment 3's table, as scripts/effective_batch.py wrote it (results/effective_batch)."""
+    """Experiment 3's table, as its report was written (results/effective_batch/README.md)."""
     path = os.path.join(ROOT, "results", "effective_batch", "README.md")
     if args.scale != "cpu" or not os.path.exists(path):
         return []
     table = [line for line in open(path).read().splitlines() if line.startswith("|")]
     return ["## 3. The effective-batch experiment (mini RetinaNet, MEASURE_ONLY)", "",
-            "Written by `scripts/effective_batch.py` (details, setup and commands: "
+            f"Written by `{EFFECTIVE_BATCH}` (details, setup and commands: "
             "[`results/effective_batch/README.md`](../effective_batch/README.md)):", "", *table, "",
             "![Φ ratio per variant](../effective_batch/phi.png)", ""]
 
@@ -368,50 +364,52 @@ def parse_args(argv=None):
     return args
 
 
+def effective_batch(*flags: str) -> int:
+    """Run experiment 3 (:data:`EFFECTIVE_BATCH`) with ``flags`` in a child process (the
+    repository root its working folder, this interpreter, this environment); its exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.run([sys.executable, os.path.join(ROOT, EFFECTIVE_BATCH), *flags], cwd=ROOT).returncode
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     root = os.path.join(ROOT, args.output_root)
     os.environ["AGVM_SHAPES_NUM_TRAIN"] = str(args.train_images)  # the runs' shapes_train size
     runs = plan(args)
+    effective = args.scale == "cpu"  # experiment 3 at --scale cpu, in its own output root
     try:
         check_plan(runs)
     except ValueError as e:
         print(f"reproduce_mini.py: error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        for r in runs:
-            print(" ".join(shlex.quote(c) for c in command(r, os.path.join(args.output_root, r.name))).replace(sys.executable, "python"))
-        print(f"# {len(runs)} runs; dry run: nothing run or written", file=sys.stderr)
-        if args.scale == "cpu":
-            return effective_batch_script().main(["--dry-run"])
-        return 0
+    if effective and effective_batch("--check-only") != 0:
+        print(f"reproduce_mini.py: error: experiment 3's configs failed their check ({EFFECTIVE_BATCH} --check-only)",
+              file=sys.stderr)
+        return 2
     started = datetime.datetime.now().isoformat(timespec="minutes")
     t0 = time.time()
-    if not args.report_only:
-        from agvm.detectron2.pretrained import ensure_pretrained
+    if args.dry_run or not args.report_only:
+        def prepare():
+            from agvm.data.pretrained import ensure_pretrained
 
-        ensure_pretrained()
-        pending = []
-        for r in runs:
-            out = os.path.join(root, r.name)
-            fp = config_fingerprint(os.path.join(ROOT, r.config), r.opts)
-            if os.path.exists(os.path.join(out, "agvm_run.json")) and stale_reason(out, fp) is None \
-                    and (read_run(out) or {}).get("returncode") is not None:
-                continue  # finished (ok or diverged) with this config: reused
-            pending.append((r, fp))
-        print(f"{len(runs) - len(pending)} of {len(runs)} runs reused", flush=True)
+            ensure_pretrained()
 
-        def one(item, threads):
-            r, fp = item
-            out = os.path.join(root, r.name)
-            rec = run_logged(command(r, out), out, {"cell": r.name, "fingerprint": fp}, cwd=ROOT, threads=threads,
-                             progress=lambda t: print(t, flush=True), every_s=120.0)
-            status, ap = outcome(out)
-            return f"{r.name}: {status}" + (f" (box AP {ap:.2f})" if ap is not None else "") + f" in {rec['wall_s'] / 60:.1f} min"
+        def describe(result: runner.Result) -> str:
+            status, ap = outcome(result.run.path(result.run.out))
+            return (f"{result.run.name}: {status}" + (f" (box AP {ap:.2f})" if ap is not None else "")
+                    + f" in {result.record['wall_s'] / 60:.1f} min")
 
-        run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
-        if args.scale == "cpu":  # experiment 3 (its finished runs are reused the same way)
-            effective_batch_script().main(["--jobs", str(args.jobs)])
+        runner.execute([job(r, args.output_root) for r in runs], args.jobs, dry_run=args.dry_run,
+                       every_s=120.0, describe=describe, prepare=prepare)
+        code = 0
+        if effective:  # its runs (reused when finished) and its report, results/effective_batch/
+            code = effective_batch("--jobs", str(args.jobs), *(["--dry-run"] if args.dry_run else []))
+            if code != 0 and not args.dry_run:
+                print(f"reproduce_mini.py: experiment 3 ({EFFECTIVE_BATCH}) exited {code}; its report says which run",
+                      file=sys.stderr)
+        if args.dry_run:
+            return code
     path = write_report(args, runs, root, started, time.time() - t0)
     print(f"wrote {path}")
     if args.scale == "cpu" and args.results == os.path.join(ROOT, "results/mini") and \

@@ -10,14 +10,17 @@
         --num-machines 4 --num-gpus 8                                                 # inside salloc/sbatch
     python scripts/reproduce_table.py --table faster_rcnn --scale mini --report-only   # table from existing runs
 
-Cells (``agvm.tables``) run one after another (``--jobs N`` runs N at once on one machine, each
-with its share of the CPU threads), each into ``<output-root>/<table>/<scale>/<cell>`` with its
-console output in ``stdout.log`` and ``agvm_run.json`` (command, exit code, wall time, machine).
-Finished cells (a final metric) are skipped unless ``--rerun``; a failed cell is reported and
-the others go on. Afterwards the comparison table (measured vs paper, Δ, status, time) is
-written to ``projects/<table>/results/<scale>.md`` (``--results`` to change; not in --dry-run).
-A relative ``--output-root`` / ``--results`` is taken from the repository root.
-``-- KEY VALUE ...`` at the end overrides every cell's config (e.g. ``-- MODEL.DEVICE cuda``).
+Cells (``agvm.tables``) are a plan of ``agvm.runner.Run`` run by ``agvm.runner.execute`` (its
+reuse rule: a cell whose record has the same config fingerprint and that finished, or diverged,
+is not run again unless ``--rerun``; a failed cell runs again). They run one after another
+(``--jobs N`` runs N at once on one machine, each with its share of the CPU threads), each into
+``<output-root>/<table>/<scale>/<cell>`` with its console output in ``stdout.log`` and
+``agvm_run.json`` (command, exit code, wall time, machine); a failed cell is reported and the
+others go on. ``--dry-run`` prints the cells that would run. Afterwards the comparison table
+(measured vs paper, Δ, status, time) is written to ``projects/<table>/results/<scale>.md``
+(``--results`` to change; not in --dry-run). A relative ``--output-root`` / ``--results`` is
+taken from the repository root. ``-- KEY VALUE ...`` at the end overrides every cell's config
+(e.g. ``-- MODEL.DEVICE cuda``).
 Launchers: ``local`` (this machine, ``--num-gpus`` processes), ``machines`` (this machine is
 ``--machine-rank`` of ``--num-machines``; run the same command on each), ``slurm`` (``srun`` with
 ``--num-machines`` nodes × ``--num-gpus`` tasks; run inside an allocation).
@@ -26,20 +29,17 @@ Launchers: ``local`` (this machine, ``--num-gpus`` processes), ``machines`` (thi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import subprocess
 import sys
-from typing import List, Optional
+from typing import List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from agvm.results import cell_output_dir, cell_result, comparison_rows, read_run, rows_to_markdown  # noqa: E402
-from agvm.runner import (  # noqa: E402
-    config_fingerprint, grad_accum_steps, parse_with_overrides, run_all, run_logged, stale_reason,
-)
-from agvm.tables import TABLES, Cell, Table, get_table  # noqa: E402
+from agvm.results import cell_output_dir, cell_result, comparison_rows, read_run, rows_to_markdown
+from agvm.runner import REPO_ROOT as ROOT
+from agvm.runner import Result, Run, execute, grad_accum_steps, parse_with_overrides
+from agvm.tables import TABLES, Cell, Table, get_table
 
 SLURM_MASTER = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
 
@@ -91,26 +91,31 @@ def cell_split(args, cell: Cell):
     return grad_accum_steps(cell.batch, args.num_gpus * args.num_machines, args.max_images_per_gpu)
 
 
-def cell_command(args, table: Table, cell: Cell) -> List[str]:
-    """The command line that trains and evaluates ``cell`` (at its global batch: with
+def cell_run(args, table: Table, cell: Cell) -> Run:
+    """The run that trains and evaluates ``cell`` (at its global batch: with
     ``SOLVER.GRAD_ACCUM_STEPS`` when its per-GPU batch exceeds ``--max-images-per-gpu``)."""
-    out = cell_output_dir(args.output_root, table.name, args.scale, cell.name)
-    _, accum = cell_split(args, cell)
-    cmd = [args.python, f"projects/{table.name}/train_net.py", "--config-file", table.config_path(cell, args.scale)]
-    if args.max_iter:
-        cmd += ["--max-iter", str(args.max_iter)]
+    micro, accum = cell_split(args, cell)
+    flags = ["--max-iter", str(args.max_iter)] if args.max_iter else []
+    launcher: List[str] = []
     if args.launcher == "slurm":
-        cmd += ["--dist-url", f"tcp://{SLURM_MASTER}:29500"]
-        srun = ["srun", f"--nodes={args.num_machines}", f"--ntasks-per-node={args.num_gpus}",
-                f"--gpus-per-node={args.num_gpus}", *shlex.split(args.srun_args)]
-        cmd = srun + cmd
+        flags += ["--dist-url", f"tcp://{SLURM_MASTER}:29500"]
+        launcher = ["srun", f"--nodes={args.num_machines}", f"--ntasks-per-node={args.num_gpus}",
+                    f"--gpus-per-node={args.num_gpus}", *shlex.split(args.srun_args)]
     else:
-        cmd += ["--num-gpus", str(args.num_gpus)]
+        flags += ["--num-gpus", str(args.num_gpus)]
         if args.launcher == "machines":
-            cmd += ["--num-machines", str(args.num_machines), "--machine-rank", str(args.machine_rank),
-                    "--dist-url", args.dist_url]
-    accum_opts = ["SOLVER.GRAD_ACCUM_STEPS", str(accum)] if accum > 1 else []
-    return cmd + ["OUTPUT_DIR", out] + accum_opts + list(args.opts)
+            flags += ["--num-machines", str(args.num_machines), "--machine-rank", str(args.machine_rank),
+                      "--dist-url", args.dist_url]
+    processes = args.num_gpus * args.num_machines
+    run = Run(f"{table.name}/{cell.name}", table.config_path(cell, args.scale),
+              cell_output_dir(args.output_root, table.name, args.scale, cell.name), f"projects/{table.name}/train_net.py",
+              opts=(["SOLVER.GRAD_ACCUM_STEPS", str(accum)] if accum > 1 else []) + list(args.opts), flags=flags,
+              launcher=launcher, python=args.python, info={"table": table.name, "scale": args.scale, "cell": cell.name},
+              note=f"{table.name}/{cell.name}: batch {cell.batch} on {processes} GPU(s) = {micro} images per GPU "
+                   f"× {accum} micro-batch(es) (SOLVER.GRAD_ACCUM_STEPS {accum})",
+              clean=args.launcher != "machines", meta=(table, cell))  # machines share the folder: not cleared
+    run.line = shell_line(run.command)
+    return run
 
 
 def shell_line(cmd: List[str]) -> str:
@@ -118,28 +123,17 @@ def shell_line(cmd: List[str]) -> str:
     return " ".join(c if SLURM_MASTER in c else shlex.quote(c) for c in cmd)
 
 
-def run_cell(args, table: Table, cell: Cell, threads: Optional[int]) -> dict:
-    """Run one cell to completion (``agvm.runner.run_logged``); return its record."""
-    out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
-    cmd = cell_command(args, table, cell)
-    line = shell_line(cmd)
-    if args.launcher == "slurm":
-        host = subprocess.run(["bash", "-c", SLURM_MASTER[2:-1]], capture_output=True, text=True)
-        if host.returncode != 0 or not host.stdout.strip():
-            raise SystemExit("--launcher slurm must run inside a SLURM allocation (scontrol found no nodes)")
-        cmd = [c.replace(SLURM_MASTER, host.stdout.split()[0]) for c in cmd]
-    record = {"table": table.name, "scale": args.scale, "cell": cell.name, "fingerprint": cell_fingerprint(args, table, cell)}
-    return run_logged(cmd, out, record, cwd=ROOT, threads=threads, line=line, progress=lambda t: print(t, flush=True))
+def on_slurm_master(runs: List[Run]) -> List[Run]:
+    """``runs`` with the SLURM master host filled in (their fingerprint and printed line keep the
+    substitution); SystemExit outside a SLURM allocation."""
+    host = subprocess.run(["bash", "-c", SLURM_MASTER[2:-1]], capture_output=True, text=True)
+    if host.returncode != 0 or not host.stdout.strip():
+        raise SystemExit("--launcher slurm must run inside a SLURM allocation (scontrol found no nodes)")
+    name = host.stdout.split()[0]
+    return [dataclasses.replace(r, flags=[f.replace(SLURM_MASTER, name) for f in r.flags]) for r in runs]
 
 
-def cell_fingerprint(args, table: Table, cell: Cell) -> str:
-    """The fingerprint of what ``cell`` trains with: its config chain and its command's options."""
-    cmd = cell_command(args, table, cell)
-    i = cmd.index("--config-file")
-    return config_fingerprint(os.path.join(ROOT, cmd[i + 1]), cmd[i + 2:])
-
-
-def check_cells(args, todo) -> None:
+def check_cells(args, runs: List[Run]) -> None:
     """Before anything runs: build every cell's config as its command would (the overrides
     after ``--`` included) and check it (``check_run_config``); raises ValueError naming the cell,
     key and value. A cell whose config no longer means its table entry (``agvm.tables``: a
@@ -149,12 +143,11 @@ def check_cells(args, todo) -> None:
     from agvm.tables import config_mismatches
 
     processes = args.num_gpus * args.num_machines
-    for table, cell in todo:
-        cmd = cell_command(args, table, cell)
-        i = cmd.index("--config-file")
-        path = os.path.join(ROOT, cmd[i + 1])
-        opts = cmd[cmd.index("OUTPUT_DIR"):]
-        cfg = check_run_config(path, opts, processes, what=f"cell {table.name}/{cell.name}: ", max_iter=args.max_iter)
+    for run in runs:
+        table, cell = run.meta
+        path = run.path(run.config)
+        cfg = check_run_config(path, ["OUTPUT_DIR", run.out, *run.opts], processes,
+                               what=f"cell {table.name}/{cell.name}: ", max_iter=args.max_iter)
         edited = [m for m in config_mismatches(table, cell, args.scale, cfg, open(path).read(), ROOT)
                   if not m.startswith("OUTPUT_DIR") and not any(m.startswith(k + " ") for k in args.opts[0::2])]
         if edited:
@@ -192,60 +185,38 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     argv_line = "python scripts/reproduce_table.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     tables = list(TABLES.values()) if args.table == "all" else [get_table(args.table)]
-    todo = []
-    for table in tables:
-        names = args.cells or [c.name for c in table.cells_at(args.scale)]
-        for name in names:
-            try:
-                todo.append((table, table.cell(name, args.scale)))
-            except KeyError as e:
-                print(f"reproduce_table.py: error: {e.args[0]}", file=sys.stderr)
-                return 2
     try:
-        splits = {(t.name, c.name): cell_split(args, c) for t, c in todo}
-    except ValueError as e:
+        runs = [cell_run(args, table, table.cell(name, args.scale)) for table in tables
+                for name in args.cells or [c.name for c in table.cells_at(args.scale)]]
+    except KeyError as e:
+        print(f"reproduce_table.py: error: {e.args[0]}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a batch that does not split over the GPUs
         print(f"reproduce_table.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        check_cells(args, todo)
+        check_cells(args, runs)
     except ValueError as e:
         print(f"reproduce_table.py: error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        processes = args.num_gpus * args.num_machines
-        for table, cell in todo:
-            micro, accum = splits[(table.name, cell.name)]
-            print(f"# {table.name}/{cell.name}: batch {cell.batch} on {processes} GPU(s) = {micro} images per GPU "
-                  f"× {accum} micro-batch(es) (SOLVER.GRAD_ACCUM_STEPS {accum})")
-            print(shell_line(cell_command(args, table, cell)))
-        print(f"# {len(todo)} cell(s); dry run: nothing run or written", file=sys.stderr)
-        return 0
     failed = []
-    if not args.report_only:
-        pending = []
-        for table, cell in todo:
-            out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
-            done = cell_result(out, table.result_key)
-            stale = stale_reason(out, cell_fingerprint(args, table, cell)) if done["status"] == "ok" else None
-            if done["status"] == "ok" and not args.rerun and stale is None:
-                print(f"skip {table.name}/{cell.name}: finished ({table.metric} {done['measured']:.2f})", flush=True)
-            else:
-                if done["status"] == "ok" and stale and not args.rerun:
-                    print(f"stale {table.name}/{cell.name}: finished, but {stale}; running it again", flush=True)
-                pending.append((table, cell))
-        jobs = args.jobs if args.launcher == "local" else 1
+    if args.dry_run or not args.report_only:
+        if args.launcher == "slurm" and not args.dry_run:
+            runs = on_slurm_master(runs)
 
-        def one(item, threads):
-            table, cell = item
-            rec = run_cell(args, table, cell, threads)
-            out = cell_output_dir(args.output_abs, table.name, args.scale, cell.name)
+        def describe(result: Result) -> str:
+            table, cell = result.run.meta
+            out = os.path.join(args.output_abs, table.name, args.scale, cell.name)
             res = cell_result(out, table.result_key)
             value = f"{table.metric} {res['measured']:.2f}" if res["measured"] is not None else "no metric"
             if res["status"] != "ok":
-                failed.append(f"{table.name}/{cell.name} (exit {rec['returncode']}, see {out}/stdout.log)")
-            return f"{table.name}/{cell.name}: {res['status']} ({value}) in {rec['wall_s'] / 60:.1f} min"
+                failed.append(f"{result.run.name} (exit {result.record['returncode']}, see {out}/stdout.log)")
+            return f"{result.run.name}: {res['status']} ({value}) in {result.record['wall_s'] / 60:.1f} min"
 
-        run_all(pending, one, jobs, print_fn=lambda s: print(s, flush=True))
+        execute(runs, args.jobs if args.launcher == "local" else 1, dry_run=args.dry_run, rerun=args.rerun,
+                describe=describe)
+        if args.dry_run:
+            return 0
     if args.launcher == "machines" and args.machine_rank != 0:
         return 1 if failed else 0  # machine 0 writes the table
     for table in tables:

@@ -11,9 +11,10 @@
 
 Each cell (one point of the grid × one seed) trains ``train_net.py`` (the project's, found from
 the config's ``projects/<name>/`` path, or ``--train-net``) into ``<output-root>/<cell>`` with
-the grid values (and ``SEED``) as overrides. Cells run one after another (``--jobs N``: N at once);
-cells with a final metric are skipped (the sweep resumes), failed ones are listed at the end and
-in the table, never dropped. Afterwards ``results.csv`` (one row per cell) and ``results.md``
+the grid values (and ``SEED``) as overrides: a plan of ``agvm.runner.Run`` run by
+``agvm.runner.execute``, one after another (``--jobs N``: N at once). Its reuse rule resumes the
+sweep: a cell whose record has the same config fingerprint and that finished (or diverged) is
+skipped; failed ones run again, are listed at the end and in the table, never dropped. Afterwards ``results.csv`` (one row per cell) and ``results.md``
 (mean ± std over seeds per grid point) are written to the output root.
 
 Batch size: ``--grid SOLVER.IMS_PER_BATCH=8,32`` with ``--lr-rule linear|sqrt`` sets
@@ -35,13 +36,9 @@ import statistics
 import sys
 from typing import Dict, List, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from agvm.results import cell_result  # noqa: E402
-from agvm.runner import (  # noqa: E402
-    config_fingerprint, grad_accum_steps, parse_with_overrides, run_all, run_logged, stale_reason,
-)
+from agvm.results import cell_result
+from agvm.runner import REPO_ROOT as ROOT
+from agvm.runner import Result, Run, execute, grad_accum_steps, parse_with_overrides
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -192,13 +189,22 @@ def split_opts(args, cell: dict, base) -> List[str]:
     return ["SOLVER.GRAD_ACCUM_STEPS", str(accum)]
 
 
-def command(args, cell: dict, base, train_net: str) -> List[str]:
-    out = os.path.join(args.output_root, cell["name"])
-    accum_opts = split_opts(args, cell, base)
-    machines = ["--num-machines", str(args.num_machines)] if args.num_machines > 1 else []
-    short = ["--max-iter", str(args.max_iter)] if args.max_iter else []
-    return ([args.python, train_net, "--config-file", args.config_file, "--num-gpus", str(args.num_gpus), *machines,
-             *short, "OUTPUT_DIR", out] + cell_overrides(args, cell, base) + accum_opts + list(args.opts))
+def cell_run(args, cell: dict, base, train_net: str, built=None) -> Run:
+    """The run of one cell (``built``: its checked config, for the dry run's note)."""
+    flags = ["--num-gpus", str(args.num_gpus)]
+    flags += ["--num-machines", str(args.num_machines)] if args.num_machines > 1 else []
+    flags += ["--max-iter", str(args.max_iter)] if args.max_iter else []
+    note = None
+    if built is not None:
+        s = built.SOLVER
+        processes = args.num_gpus * args.num_machines
+        note = (f"{cell['name']}: batch {s.IMS_PER_BATCH} on {processes} GPU(s) = "
+                f"{s.IMS_PER_BATCH // processes // s.GRAD_ACCUM_STEPS} images per GPU × {s.GRAD_ACCUM_STEPS} "
+                f"micro-batch(es), {s.MAX_ITER} iterations, base LR {s.BASE_LR:g}")
+    return Run(cell["name"], args.config_file, os.path.join(args.output_root, cell["name"]), train_net,
+               opts=cell_overrides(args, cell, base) + split_opts(args, cell, base) + list(args.opts), flags=flags,
+               python=args.python, info={"point": cell["point"], "seed": cell["seed"]}, note=note,
+               clean=args.num_machines == 1, meta=cell)
 
 
 def _num(x: float) -> str:
@@ -248,26 +254,19 @@ def aggregate(args, cells: List[dict]) -> Tuple[str, str]:
     return csv_path, md_path
 
 
-def write_sbatch(args, cells: List[dict], base, train_net: str) -> str:
+def write_sbatch(args, runs: List[Run]) -> str:
     path = os.path.join(args.output_root, "sweep.sbatch")
     os.makedirs(args.output_root, exist_ok=True)
-    lines = ["#!/usr/bin/env bash", f"#SBATCH --array=0-{len(cells) - 1}", f"#SBATCH --gpus-per-task={args.num_gpus}",
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --array=0-{len(runs) - 1}", f"#SBATCH --gpus-per-task={args.num_gpus}",
              f"#SBATCH --output={os.path.join(args.output_root, 'slurm-%A_%a.out')}"]
     lines += [f"#SBATCH {a}" for a in shlex.split(args.slurm_args)]
     lines += [f"cd {shlex.quote(ROOT)}", 'case "$SLURM_ARRAY_TASK_ID" in']
-    for i, c in enumerate(cells):
-        lines.append(f"  {i}) exec {' '.join(shlex.quote(x) for x in command(args, c, base, train_net))} ;;")
+    for i, r in enumerate(runs):
+        lines.append(f"  {i}) exec {r.display} ;;")
     lines += ["esac", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
-
-
-def fingerprint(args, cell: dict, base, train_net: str) -> str:
-    """The fingerprint of what a grid point trains with (config chain + its command's options)."""
-    cmd = command(args, cell, base, train_net)
-    i = cmd.index("--config-file")
-    return config_fingerprint(cmd[i + 1], cmd[i + 2:])
 
 
 def check_cell(args, cell: dict, base) -> None:
@@ -292,50 +291,28 @@ def main(argv=None) -> int:
     except (ValueError, KeyError) as e:
         print(f"sweep.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        processes = args.num_gpus * args.num_machines
-        for c in cells:
-            s = built[c["name"]].SOLVER
-            batch, accum = s.IMS_PER_BATCH, s.GRAD_ACCUM_STEPS
-            micro = batch // processes // accum
-            print(f"# {c['name']}: batch {batch} on {processes} GPU(s) = {micro} images per GPU × {accum} micro-batch(es), "
-                  f"{s.MAX_ITER} iterations, base LR {s.BASE_LR:g}")
-            print(f"{c['name']}: " + " ".join(shlex.quote(x) for x in command(args, c, base, train_net)))
-        print(f"# {len(cells)} cell(s); dry run: nothing run or written", file=sys.stderr)
-        return 0
-    if args.slurm:
-        path = write_sbatch(args, cells, base, train_net)
+    runs = [cell_run(args, c, base, train_net, built[c["name"]]) for c in cells]
+    if args.slurm and not args.dry_run:
+        path = write_sbatch(args, runs)
         print(f"wrote {path} ({len(cells)} array tasks); submit with: sbatch {path}\n"
               f"then aggregate with: python scripts/sweep.py ... --report-only")
         return 0
     failed: List[str] = []
-    if not args.report_only:
+    if args.dry_run or not args.report_only:
         key = tuple(args.metric.split("/", 1))
-        pending = []
-        for c in cells:
-            out = os.path.join(args.output_root, c["name"])
-            ok = cell_result(out, key)["status"] == "ok"
-            stale = stale_reason(out, fingerprint(args, c, base, train_net)) if ok else None
-            if ok and stale is None:
-                print(f"skip {c['name']}: finished", flush=True)
-            else:
-                if ok:
-                    print(f"stale {c['name']}: finished, but {stale}; running it again", flush=True)
-                pending.append(c)
 
-        def one(c, threads):
-            out = os.path.join(args.output_root, c["name"])
-            rec = run_logged(command(args, c, base, train_net), out,
-                             {"cell": c["name"], "point": c["point"], "seed": c["seed"],
-                              "fingerprint": fingerprint(args, c, base, train_net)},
-                             cwd=ROOT, threads=threads, progress=lambda t: print(t, flush=True))
+        def describe(result: Result) -> str:
+            out, rc = result.run.out, result.record["returncode"]
             res = cell_result(out, key)
             if res["status"] != "ok":
-                failed.append(f"{c['name']} ({res['status']}, exit {rec['returncode']}, see {out}/stdout.log)")
-            value = f"{args.metric} {_num(res['measured'])}" if res["measured"] is not None and not math.isnan(res["measured"]) else "no metric"
-            return f"{c['name']}: {res['status']} ({value}) in {rec['wall_s'] / 60:.1f} min"
+                failed.append(f"{result.run.name} ({res['status']}, exit {rc}, see {out}/stdout.log)")
+            value = (f"{args.metric} {_num(res['measured'])}" if res["measured"] is not None
+                     and not math.isnan(res["measured"]) else "no metric")
+            return f"{result.run.name}: {res['status']} ({value}) in {result.record['wall_s'] / 60:.1f} min"
 
-        run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
+        execute(runs, args.jobs, dry_run=args.dry_run, describe=describe)
+        if args.dry_run:
+            return 0
     csv_path, md_path = aggregate(args, cells)
     print(f"wrote {csv_path} and {md_path}")
     if failed:

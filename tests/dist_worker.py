@@ -155,11 +155,11 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    hook = getattr(trainer._trainer, "hook_state", None)
+    hook = getattr(trainer.stepper, "hook_state", None)
     torch.save(
         {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None, "checks": checks,
          "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None),
-         "nonfinite_total": getattr(trainer._trainer, "nonfinite_total", None),
+         "nonfinite_total": getattr(trainer.stepper, "nonfinite_total", None),
          "optimizer": trainer.optimizer.state_dict()},
         os.path.join(out_dir, f"det_{mode}_{rank}.pt"),
     )
@@ -186,7 +186,7 @@ def _check_phi_against_gathered_gradients(trainer):
     from agvm.detectron2.resume import set_data_iterator
     from agvm.distributed import half_sizes
 
-    step = trainer._trainer
+    step = trainer.stepper
     ddp, agvm = step.model, step.optimizer
     world = dist.get_world_size()
     n_a, _ = half_sizes(world)

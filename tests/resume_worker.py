@@ -119,7 +119,7 @@ def run(rank, world, port, out_dir, phase, kill_at):
                 storage = self.trainer.storage
                 current["logged"] = {k: storage.history(k).latest() for k in storage.histories()
                                      if k.endswith("loss") or k.startswith("loss_")}
-                opt = self.trainer._trainer.optimizer
+                opt = self.trainer.stepper.optimizer
                 current["mu"] = dict(getattr(opt, "mu", {}))
             log.write(json.dumps(current) + "\n")
             log.flush()

@@ -59,12 +59,12 @@ def groups(net):
 def sam_trainer(model, batches, **kwargs):
     """AGVMStepTrainer running SAM (ρ = 0.05) with SGD + momentum on ``model``."""
     from agvm.detectron2 import AGVMStepTrainer
-    from agvm.detectron2.resume import _share_iterator
+    from agvm.detectron2.resume import set_data_iterator
 
     net = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.SGD(groups(net), lr=0.1, momentum=0.9)
     step = AGVMStepTrainer(model, batches, optimizer, sam_rho=0.05, **kwargs)
-    _share_iterator(step, None)
+    set_data_iterator(step, iter(step.data_loader))
     return step
 
 

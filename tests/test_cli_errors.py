@@ -33,15 +33,20 @@ def test_debug_keeps_the_traceback():
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "did you mean SOLVER.AGVM.MOMENTUM" in proc.stderr
 
 
-def test_cpu_processes_are_announced():
-    from agvm.detectron2 import default_argument_parser
-    from agvm.detectron2.cli import preflight
+def test_cpu_processes_are_announced_and_launched_on_cpu(monkeypatch, capsys):
+    """launch_cli decides the device once, from the config it checked, and tells the launcher."""
+    import importlib
 
-    args = default_argument_parser().parse_args(["--num-gpus", "2", "--config-file", os.path.join(ROOT, AGVM_MINI),
-                                                 "MODEL.DEVICE", "cpu"])
-    assert preflight(args) == "note: MODEL.DEVICE is cpu: starting 2 CPU processes (gloo), not GPUs"
-    one = default_argument_parser().parse_args(["--config-file", os.path.join(ROOT, AGVM_MINI)])
-    assert preflight(one) is None
+    launch_mod = importlib.import_module("agvm.detectron2.launch")
+    from agvm.detectron2 import launch_cli
+
+    seen = []
+    monkeypatch.setattr(launch_mod, "launch", lambda main, n, **kw: seen.append((n, kw["device"])))
+    launch_cli(lambda a: None, ["--num-gpus", "2", "--config-file", os.path.join(ROOT, AGVM_MINI), "MODEL.DEVICE", "cpu"])
+    assert "note: MODEL.DEVICE is cpu: starting 2 CPU processes (gloo), not GPUs" in capsys.readouterr().err
+    launch_cli(lambda a: None, ["--config-file", os.path.join(ROOT, AGVM_MINI), "MODEL.DEVICE", "cuda"])
+    assert "note:" not in capsys.readouterr().err
+    assert seen == [(2, "cpu"), (1, "cuda")]
 
 
 def test_resuming_a_finished_run_says_training_is_complete(tiny_shapes):
@@ -106,7 +111,7 @@ def test_own_coco_dataset_in_one_command(tiny_shapes):
 
     args = tiny_args(train_net, tiny_shapes / "boxes", *data, "MODEL.ROI_HEADS.NUM_CLASSES", "1")
     args.dataset = [["boxes", json_file, images]]
-    assert preflight(args) is None
+    assert preflight(args).MODEL.ROI_HEADS.NUM_CLASSES == 1
     results = train_net.main(args)
     assert 0.0 <= results["bbox"]["AP"] <= 100.0
 

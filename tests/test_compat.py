@@ -47,7 +47,16 @@ def test_patch_list_matches_environment():
 
     if not glob.glob(f"{d2_dir}/_C*.so"):
         expected.append("missing-cpp-ops")
+    with open(f"{d2_dir}/utils/comm.py") as f:
+        if "def create_local_process_group" not in f.read():  # detectron2 0.6
+            expected.append("local-process-group")
     assert D2_PATCHES == expected
+
+
+def test_local_process_group_api_on_every_version():
+    from detectron2.utils import comm
+
+    assert callable(comm.create_local_process_group)
 
 
 def test_numpy_aliases_are_module_local():

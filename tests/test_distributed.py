@@ -1,7 +1,5 @@
 """The AGVM DDP comm hook on CPU (gloo) at world sizes 2, 3 and 4, against a single process."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,14 +10,9 @@ import dist_worker
 from agvm.core.modulator import GradientVarianceModulator
 from agvm.core.variance import gradient_variance
 from agvm.distributed import half_sizes
+from agvm.runner import free_port as _free_port
 
 ITERS, INTERVAL = 6, 2  # AGVM iterations 0, 2, 4
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(world, out_dir, mode):

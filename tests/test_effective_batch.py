@@ -1,9 +1,14 @@
-"""The effective-batch experiment: EffectiveBatchRetinaNet's variants, configs and script."""
+"""The effective-batch experiment (projects/effective_batch): EffectiveBatchRetinaNet's variants,
+configs, train_net.py, the plan and report (its package's ``experiment`` module) and the script
+that runs them all (projects/effective_batch/run_experiment.py)."""
 
+import importlib
 import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,17 +19,35 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from agvm.detectron2 import add_agvm_config, default_argument_parser, module_of_parameters
-from agvm.detectron2.effective_batch import (
-    EffectiveBatchRetinaNet,
-    UnsharedRetinaNetHead,
-    add_effective_batch_config,
-    check_loss_keep,
-    location_keep_mask,
-    main,
-)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "projects", "retinanet", "configs", "effective_batch")
+PROJECT = os.path.join(ROOT, "projects", "effective_batch")
+CONFIGS = os.path.join(PROJECT, "configs")
+
+
+def _import_project():
+    """The project's package ``effective_batch`` as its train_net.py imports it (the project
+    folder on sys.path), and its train_net.py as a module."""
+    if PROJECT not in sys.path:
+        sys.path.insert(0, PROJECT)
+    loaded = sys.modules.get("effective_batch")
+    if loaded is not None and not (getattr(loaded, "__file__", None) or "").startswith(PROJECT + os.sep):
+        del sys.modules["effective_batch"]  # another module under that name
+    package = importlib.import_module("effective_batch")
+    spec = importlib.util.spec_from_file_location("effective_batch_train_net", os.path.join(PROJECT, "train_net.py"))
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    return package, train_net
+
+
+_package, _train_net = _import_project()
+EffectiveBatchRetinaNet = _package.EffectiveBatchRetinaNet
+UnsharedRetinaNetHead = _package.UnsharedRetinaNetHead
+add_effective_batch_config = _package.add_effective_batch_config
+check_loss_keep = _package.check_loss_keep
+location_keep_mask = _package.location_keep_mask
+main = _train_net.main
+
 VARIANTS = ("shared", "unshared", "no_fpn", "masked")
 NO_WEIGHTS = ("MODEL.WEIGHTS", "")
 
@@ -202,6 +225,27 @@ def test_stock_model_without_the_keys():
     assert not isinstance(model.head, UnsharedRetinaNetHead)
 
 
+def test_the_library_knows_nothing_of_the_project():
+    """agvm adds no MODEL.* key and registers no model: importing the project's package does."""
+    cfg = get_cfg()
+    model_keys = set(cfg.MODEL.keys())
+    add_agvm_config(cfg)
+    assert set(cfg.MODEL.keys()) == model_keys and "EFFECTIVE_BATCH" not in cfg.MODEL
+    code = ("import agvm.detectron2; from detectron2.modeling import META_ARCH_REGISTRY; "
+            "assert 'EffectiveBatchRetinaNet' not in META_ARCH_REGISTRY; "
+            "import effective_batch; assert 'EffectiveBatchRetinaNet' in META_ARCH_REGISTRY; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_train_net_runs_as_a_script():
+    """`python projects/effective_batch/train_net.py` finds its package with no sys.path edit."""
+    out = subprocess.run([sys.executable, os.path.join(PROJECT, "train_net.py"), "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--config-file" in out.stdout
+
+
 # ------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_trains_and_logs_phi(variant, tiny_shapes):
@@ -228,11 +272,30 @@ def test_variant_trains_and_logs_phi(variant, tiny_shapes):
 
 
 # ------------------------------------------------------------------------------ the script
+def _experiment():
+    """The plan and report: the project's ``effective_batch.experiment``."""
+    _import_project()
+    return importlib.import_module("effective_batch.experiment")
+
+
 def _script():
-    spec = importlib.util.spec_from_file_location("effective_batch_script", os.path.join(ROOT, "scripts", "effective_batch.py"))
+    """``projects/effective_batch/run_experiment.py`` as a module (its package importable: _import_project)."""
+    _import_project()
+    spec = importlib.util.spec_from_file_location("effective_batch_run_experiment", os.path.join(PROJECT, "run_experiment.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_run_experiment_runs_as_a_script():
+    """`python projects/effective_batch/run_experiment.py` finds its package with no sys.path edit;
+    --check-only checks the four configs and runs nothing."""
+    out = subprocess.run([sys.executable, os.path.join(PROJECT, "run_experiment.py"), "--check-only"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout == "", out.stderr[-2000:]
+    bad = subprocess.run([sys.executable, os.path.join(PROJECT, "run_experiment.py"), "--check-only", "--",
+                          "MODEL.EFFECTIVE_BATCH.LOSS_KEEP", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "LOSS_KEEP" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_script_dry_run_lists_four_commands(capsys):
@@ -241,8 +304,8 @@ def test_script_dry_run_lists_four_commands(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
     for line, v in zip(lines, VARIANTS):
-        assert line == (f"python scripts/effective_batch.py train --config-file "
-                        f"projects/retinanet/configs/effective_batch/{v}.yaml --num-gpus 1 "
+        assert line == (f"python projects/effective_batch/train_net.py --config-file "
+                        f"projects/effective_batch/configs/{v}.yaml --num-gpus 1 "
                         f"OUTPUT_DIR output/effective_batch/{v} SOLVER.MAX_ITER 7")
     with pytest.raises(SystemExit) as e:
         script.main(["--dry-run", "nope"])
@@ -265,7 +328,8 @@ def _fake_run(folder, backbone, head, neck=None, wall_s=12.5, loss=1.25):
 
 
 def test_report_from_fake_metrics(tmp_path):
-    script = _script()
+    script = _experiment()  # the plan and report run_experiment.py runs
+
     root = tmp_path / "out"
     _fake_run(root / "shared", [0.8, 0.6, 0.4, 0.2], [0.2, 0.2, 0.1, 0.1], neck=0.5)
     _fake_run(root / "masked", [0.5, 0.5, 0.5], [0.25, 0.5, 0.4], neck=0.7, wall_s=90.0)
@@ -280,7 +344,7 @@ def test_report_from_fake_metrics(tmp_path):
     m = script.summarize(str(root / "masked"))  # last half of 3 estimates: the last 2
     assert m["ratio"] == pytest.approx(((0.25 + 0.5 + 0.4) / 3) / 0.5)
     assert m["ratio_last"] == pytest.approx(0.45 / 0.5)
-    path = script.write_report(str(root), str(tmp_path / "res"), "python scripts/effective_batch.py")
+    path = script.write_report(str(root), str(tmp_path / "res"), "python projects/effective_batch/run_experiment.py")
     text = open(path).read()
     shared_row = next(line for line in text.splitlines() if line.startswith("| shared |"))
     assert "| 0.500 | 0.500 | 0.150 | 0.300 | 0.333 | 0.333 ± 0.059 | 4 | 1.250 | 0.2 min | ok |" in shared_row
@@ -288,15 +352,17 @@ def test_report_from_fake_metrics(tmp_path):
     assert "| 0.500 | 0.700 | 0.383 | 0.767 | 0.900 | 0.767 ± 0.145 | 3 |" in masked_row and "1.5 min" in masked_row
     assert next(line for line in text.splitlines() if line.startswith("| no_fpn |")).endswith("| missing |")
     assert "`python train shared`" in text and "test machine" in text
+    assert "Command: `python projects/effective_batch/run_experiment.py`" in text
     assert os.path.getsize(tmp_path / "res" / "phi.png") > 1000
 
 
 def test_a_new_run_starts_from_a_clean_folder(tmp_path):
-    script = _script()
+    from agvm.runner import clear_run  # what agvm.runner.execute does before a run
+
     names = ["metrics.json", "log.txt", "model_final.pth", "model_0000099.pth", "events.out.tfevents.1.vm.2.0",
              "last_checkpoint", "agvm_run.json", "notes.txt"]
     for name in names:
         (tmp_path / name).write_text("x")
-    assert script.clear_run(str(tmp_path)) == sorted(names[:-1])
+    assert clear_run(str(tmp_path)) == sorted(names[:-1])
     assert os.listdir(tmp_path) == ["notes.txt"]
-    assert script.clear_run(str(tmp_path / "absent")) == []
+    assert clear_run(str(tmp_path / "absent")) == []

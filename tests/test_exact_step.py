@@ -20,7 +20,7 @@ from detectron2.utils.events import EventStorage
 from agvm.core.optim import AGVM
 from agvm.core.sandbox import UnaccountedStateError, preserved_state
 from agvm.detectron2 import AGVMStepTrainer, add_agvm_config, build_agvm_optimizer
-from agvm.detectron2.resume import _share_iterator
+from agvm.detectron2.resume import set_data_iterator
 from zoo import IMAGE, build_lazy_model, num_keypoints, tiny_batch
 
 FAMILIES = {
@@ -93,7 +93,7 @@ def _trainer(family, batches, accum=1, norm="FrozenBN", **agvm):
     model = _model(family, cfg)
     model.train()
     step = AGVMStepTrainer(model, batches, build_agvm_optimizer(cfg, model), accum_steps=accum)
-    _share_iterator(step, None)
+    set_data_iterator(step, iter(step.data_loader))
     return step
 
 
@@ -304,7 +304,7 @@ def test_sam_with_accumulation_gives_the_unaccumulated_sam_step(accum):
         model = _model(family, cfg)
         model.train()
         step = AGVMStepTrainer(model, [batch], build_agvm_optimizer(cfg, model), accum_steps=k, sam_rho=0.05)
-        _share_iterator(step, None)
+        set_data_iterator(step, iter(step.data_loader))
         _run(step, 1)
         # the gradient SAM stepped with (taken at the shifted point; step() leaves it in .grad)
         return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

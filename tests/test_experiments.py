@@ -75,6 +75,28 @@ def test_reproduce_mini_plan_is_same_epoch_batch_scaling_with_seeds():
     assert max(r.batch for r in gpu) == 1024 and all("cuda" in r.opts for r in gpu)
 
 
+def test_reproduce_mini_runs_experiment_3_as_the_projects_script(monkeypatch, capsys):
+    """Experiment 3 is projects/effective_batch/run_experiment.py in a child process: its configs
+    checked before anything runs, then run with --jobs (and --dry-run) after the plan of 1 and 2;
+    the script imports none of the project's code."""
+    reproduce = _script("reproduce_mini")
+    source = open(os.path.join(ROOT, "scripts", "reproduce_mini.py")).read()
+    assert "sys.path" not in source and "effective_batch.experiment" not in source
+    calls = []
+    monkeypatch.setattr(reproduce, "effective_batch", lambda *flags: calls.append(flags) or 0)
+    small = ["--batches", "8", "--seeds", "0", "--grid-alpha", "--grid-tau", "--jobs", "3"]
+    assert reproduce.main(["--dry-run", *small]) == 0
+    assert calls == [("--check-only",), ("--jobs", "3", "--dry-run")]
+    assert "projects/faster_rcnn/train_net.py" in capsys.readouterr().out  # its own plan, before
+    calls.clear()
+    monkeypatch.setattr(reproduce, "effective_batch", lambda *flags: calls.append(flags) or 2)
+    assert reproduce.main(["--dry-run", *small]) == 2  # experiment 3's configs failed their check
+    assert calls == [("--check-only",)]
+    calls.clear()
+    assert reproduce.main(["--dry-run", "--scale", "gpu", "--batches", "64", "--grid-alpha", "--grid-tau"]) == 0
+    assert calls == []  # experiment 3 at --scale cpu only
+
+
 def _fake_run(folder, ap=None, diverged=False):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.json"), "w") as f:

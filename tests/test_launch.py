@@ -90,7 +90,9 @@ def test_cuda_config_without_gpu_fails_before_spawning(calls, monkeypatch):
     spawned = []
     monkeypatch.setattr(launch_mod.mp, "start_processes", lambda *a, **k: spawned.append(a))
     with pytest.raises(ValueError, match="no GPU is visible.*MODEL.DEVICE cpu"):
-        launch(lambda a: None, 2, dist_url="auto", args=(args,))
+        launch(lambda a: None, 2, dist_url="auto", args=(args,), device="cuda")
     assert spawned == [] and calls == []
     # one process: the documented CPU fallback of setup_cfg still applies
-    assert launch(lambda a: "single", 1, dist_url="auto", args=(args,)) == "single"
+    assert launch(lambda a: "single", 1, dist_url="auto", args=(args,), device="cuda") == "single"
+    with pytest.raises(ValueError, match="device='gpu' must be 'cuda', 'cpu' or 'auto'"):
+        launch(lambda a: None, 1, device="gpu")

@@ -5,10 +5,14 @@ import os
 
 import pytest
 
+from projects_util import project_config_adders
+
 from agvm.solver import rescale_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "projects", "*", "configs", "mini", "**", "*.yaml"), recursive=True))
+# the effective-batch experiment's configs are mini-scale too (CPU, shapes dataset)
+MINI_CONFIGS += sorted(glob.glob(os.path.join(ROOT, "projects", "effective_batch", "configs", "*.yaml")))
 
 
 def test_rescale_schedule_exact_values():
@@ -41,7 +45,7 @@ def test_max_iter_12_gives_a_valid_run_of_every_mini_config(config, tmp_path):
     args = default_argument_parser().parse_args(["--config-file", config, "--max-iter", "12"])
     cfg = get_cfg()
     add_agvm_config(cfg)
-    for add in _project_config_adders(config):
+    for add in project_config_adders(config):
         add(cfg)
     cfg.merge_from_file(config)
     changes = rescale_config(cfg, args.max_iter)
@@ -50,11 +54,3 @@ def test_max_iter_12_gives_a_valid_run_of_every_mini_config(config, tmp_path):
     validate_config(cfg)
 
 
-def _project_config_adders(config):
-    """The config adders a project's train_net passes to setup_cfg (only the effective-batch
-    experiment has keys of its own)."""
-    if "effective_batch" in config:
-        from agvm.detectron2.effective_batch import add_effective_batch_config
-
-        return [add_effective_batch_config]
-    return []

@@ -1,4 +1,5 @@
-"""The cached, locally pretrained mini ResNet-18 (agvm.detectron2.pretrained), on tiny settings."""
+"""The cached, locally pretrained mini ResNet-18 (agvm.data.pretrained), its agvm-pretrained:// URLs
+(agvm.detectron2.catalog) and its build before training (agvm.detectron2.cli), on tiny settings."""
 
 import hashlib
 import json
@@ -17,7 +18,8 @@ from detectron2.utils.file_io import PathManager  # noqa: E402
 
 import agvm.detectron2  # noqa: E402,F401  (registers agvm-pretrained://)
 from agvm.detectron2 import add_agvm_config  # noqa: E402
-from agvm.detectron2 import pretrained as P  # noqa: E402
+from agvm.data import pretrained as P  # noqa: E402
+from agvm.detectron2 import catalog as C  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every mini model holds the ResNet at backbone.bottom_up; Faster R-CNN first
@@ -137,9 +139,9 @@ def _mini_cfg(rel):
 def test_url_loads_backbone_under_fresh_heads(tiny_root, monkeypatch, config):
     monkeypatch.setenv("AGVM_DATASETS", tiny_root)
     monkeypatch.setitem(P.PRETRAINED, "tiny_r18", dict(TINY))
-    url = P.URL_PREFIX + "tiny_r18"
-    path = PathManager.get_local_path(url)
-    assert path == P.ensure_pretrained(root=tiny_root, **TINY)
+    url = C.URL_PREFIX + "tiny_r18"
+    path = P.ensure_pretrained(root=tiny_root, **TINY)  # built (once for the module), then resolved
+    assert PathManager.get_local_path(url) == path
     assert os.path.dirname(path).startswith(tiny_root)
     ckpt = torch.load(path, map_location="cpu")["model"]
 
@@ -169,9 +171,88 @@ def test_url_loads_backbone_under_fresh_heads(tiny_root, monkeypatch, config):
 
 def test_url_handler_errors_and_idempotent_registration():
     with pytest.raises(ValueError, match="no_such_model") as e:
-        PathManager.get_local_path(P.URL_PREFIX + "no_such_model")
+        PathManager.get_local_path(C.URL_PREFIX + "no_such_model")
     assert "shapes_r18" in str(e.value)
-    assert P.register_url_handler() is False  # already registered on import: no error
-    assert P.register_url_handler() is False
+    assert C.register_url_handler() is False  # already registered on import: no error
+    assert C.register_url_handler() is False
     with pytest.raises(ValueError, match="detection"):
         P.ensure_pretrained(seed=0)
+
+
+def test_missing_asset_raises_naming_the_command_and_builds_nothing(tmp_path, monkeypatch, count_builds):
+    """Resolving a URL never builds: a missing asset is an error that names the build command."""
+    monkeypatch.setenv("AGVM_DATASETS", str(tmp_path))  # an empty cache (the cache root is read at resolve time)
+    monkeypatch.setitem(P.PRETRAINED, "tiny_r18", dict(TINY))
+    for name, command in (("shapes_r18", "`python -m agvm.data.pretrained`"),
+                          ("tiny_r18", "`python -m agvm.data.pretrained tiny_r18`")):
+        url = C.URL_PREFIX + name
+        with pytest.raises(C.PretrainedNotFoundError, match="is not built") as e:
+            PathManager.get_local_path(url)
+        assert isinstance(e.value, FileNotFoundError) and command in str(e.value) and url in str(e.value)
+        assert str(tmp_path) in str(e.value)  # where it was looked for
+        assert PathManager.exists(url) is False and PathManager.isfile(url) is False
+    with pytest.raises(C.PretrainedNotFoundError):
+        DetectionCheckpointer(torch.nn.Linear(1, 1)).load(C.URL_PREFIX + "shapes_r18")
+    assert count_builds == [] and os.listdir(tmp_path) == []  # nothing built, not even the shapes set
+
+
+def test_damaged_asset_raises_fails_verification(tiny_root, tmp_path, monkeypatch):
+    """A damaged file is reported (not silently rebuilt) when resolved."""
+    monkeypatch.setenv("AGVM_DATASETS", str(tmp_path))
+    monkeypatch.setitem(P.PRETRAINED, "tiny_r18", dict(TINY))
+    src = os.path.dirname(P.ensure_pretrained(root=tiny_root, **TINY))
+    folder = os.path.join(tmp_path, os.path.basename(src))
+    os.makedirs(folder)
+    for name in ("manifest.json", "model_final.pth"):
+        with open(os.path.join(src, name), "rb") as f:
+            data = f.read()
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data[:-1] + bytes([data[-1] ^ 0xFF]) if name == "model_final.pth" else data)
+    with pytest.raises(C.PretrainedNotFoundError, match="fails verification.*wrong sha256"):
+        PathManager.get_local_path(C.URL_PREFIX + "tiny_r18")
+
+
+def test_training_setup_builds_a_missing_asset_visibly_once(tiny_root, tmp_path, monkeypatch, count_builds):
+    """setup_cfg's preparation step (prepare_pretrained) builds a missing asset of MODEL.WEIGHTS,
+    saying so, and reuses it afterwards; other weights are left alone."""
+    from agvm.detectron2.cli import prepare_pretrained
+
+    monkeypatch.setenv("AGVM_DATASETS", str(tmp_path))
+    monkeypatch.setitem(P.PRETRAINED, "tiny_r18", dict(TINY))
+    cfg = get_cfg()
+    cfg.MODEL.WEIGHTS = C.URL_PREFIX + "tiny_r18"
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # on the "agvm" logger itself: detectron2's setup_logger stops its propagation
+    log = logging.getLogger("agvm")
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        path = prepare_pretrained(cfg)
+        assert len(count_builds) == 1 and path == PathManager.get_local_path(cfg.MODEL.WEIGHTS)
+        assert os.path.dirname(path).startswith(str(tmp_path))
+        messages = [r.getMessage() for r in records]
+        assert any(m.startswith("building the mini pretrained backbone agvm-pretrained://tiny_r18") and "once" in m
+                   for m in messages), messages
+        assert any(m.startswith("pretrain: epoch 1/1,") and "held-out acc" in m for m in messages)  # progress
+        records.clear()
+        assert prepare_pretrained(cfg) == path and len(count_builds) == 1  # built once
+        assert not [r for r in records if "building" in r.getMessage()]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    cfg.MODEL.WEIGHTS = ""
+    assert prepare_pretrained(cfg) is None
+
+
+def test_build_command_prints_the_path(tiny_root, monkeypatch, capsys, count_builds):
+    """`python -m agvm.data.pretrained [NAME] [--root DIR]` builds (here: verifies) and prints the path."""
+    monkeypatch.setitem(P.PRETRAINED, "tiny_r18", dict(TINY))
+    path = P.ensure_pretrained(root=tiny_root, **TINY)
+    builds = len(count_builds)
+    assert P.main(["tiny_r18", "--root", tiny_root]) == 0
+    assert capsys.readouterr().out.strip() == path and len(count_builds) == builds
+    with pytest.raises(SystemExit) as e:
+        P.main(["no_such_model"])
+    assert e.value.code == 2

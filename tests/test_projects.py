@@ -61,8 +61,12 @@ def _load_cfg(path, *opts):
 
     from agvm.detectron2 import add_agvm_config
 
+    from projects_util import project_config_adders
+
     cfg = get_cfg()
     add_agvm_config(cfg)
+    for add in project_config_adders(path):
+        add(cfg)
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(opts))
     return cfg

@@ -10,7 +10,7 @@ import torch
 from detectron2.config import get_cfg
 
 from agvm.detectron2 import add_agvm_config
-from agvm.detectron2.defaults import _clip_fn
+from agvm.detectron2.build import build_clip_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def _clip(kind, value=1.0):
     add_agvm_config(cfg)
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = kind
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = value
-    return _clip_fn(cfg)
+    return build_clip_fn(cfg)
 
 
 def test_norm_clips_each_parameter_as_detectron2_does():

@@ -100,7 +100,7 @@ def test_nonfinite_gradient_is_skipped_and_never_checkpointed(tiny_shapes):
     trainer.register_hooks([Watch()])
     trainer.resume_or_load(resume=False)
     trainer.train()
-    step = trainer._trainer
+    step = trainer.stepper
     assert step.nonfinite_total == 1
     assert torch.equal(snapshots[2], snapshots[3])  # iteration 2 took no step
     assert not torch.equal(snapshots[1], snapshots[2])
@@ -236,4 +236,4 @@ def test_large_finite_gradients_are_not_taken_for_nonfinite(tiny_shapes):
     weight.register_hook(lambda g: torch.full_like(g, 1e30))
     trainer.resume_or_load(resume=False)
     trainer.train()
-    assert trainer._trainer.nonfinite_total == 0
+    assert trainer.stepper.nonfinite_total == 0

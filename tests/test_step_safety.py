@@ -30,7 +30,7 @@ from agvm.core.modulator import GradientVarianceModulator
 from agvm.core.optim import AGVM
 from agvm.core.sandbox import UnaccountedStateError, preserved_state
 from agvm.detectron2 import AGVMStepTrainer
-from agvm.detectron2.resume import _share_iterator
+from agvm.detectron2.resume import set_data_iterator
 from step_worker import LossNet, Poison, batch, groups, sam_trainer
 
 INF = float("inf")
@@ -153,7 +153,7 @@ def test_sam_stops_after_max_consecutive_nonfinite_steps(poisoned):
 def _agvm_step(net, batches, **kwargs):
     optimizer = AGVM(torch.optim.SGD(groups(net), lr=0.1, momentum=0.9), interval=1, clamp=None)
     step = AGVMStepTrainer(net, batches, optimizer, **kwargs)
-    _share_iterator(step, None)
+    set_data_iterator(step, iter(step.data_loader))
     return step
 
 
@@ -309,7 +309,7 @@ def test_estimate_iterations_with_a_private_generator_train_like_plain_ones():
         if agvm:
             optimizer = AGVM(optimizer, interval=1, measure_only=True)
         step = AGVMStepTrainer(net, [batch(i, 8) for i in range(4)], optimizer)
-        _share_iterator(step, None)
+        set_data_iterator(step, iter(step.data_loader))
         with EventStorage(0) as storage:
             _run(step, range(4), storage)
         return _params(net)
@@ -325,7 +325,7 @@ def _always_nonfinite_step(max_nonfinite=5):
     Poison(net.head.weight, lambda call, grad: torch.full_like(grad, INF))
     step = AGVMStepTrainer(net, [batch(i, 8) for i in range(8)], torch.optim.SGD(groups(net), lr=0.1),
                            max_nonfinite=max_nonfinite)
-    _share_iterator(step, None)
+    set_data_iterator(step, iter(step.data_loader))
     return step
 
 

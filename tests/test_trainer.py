@@ -37,7 +37,7 @@ class Recorder(HookBase):
     def after_step(self):
         it = self.trainer.iter
         self.losses[it] = self.trainer.storage.history("total_loss").latest()
-        opt = self.trainer._trainer.optimizer
+        opt = self.trainer.stepper.optimizer
         self.mus[it] = dict(opt.mu) if isinstance(opt, AGVM) else {}
         if self.stop_at is not None and it == self.stop_at:
             raise KeyboardInterrupt(f"simulated interruption after iteration {it}")
@@ -114,7 +114,7 @@ def test_grad_accumulation_and_clipping_run(tiny_shapes):
         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0", "SOLVER.CLIP_GRADIENTS.ITER_RANGE", "(2, 4)",
     )
     trainer, rec = _train(cfg)
-    assert trainer._trainer.accum_steps == 2
+    assert trainer.stepper.accum_steps == 2
     assert all(math.isfinite(v) for v in rec.losses.values())
     assert math.isfinite(rec.mus[7]["box_head"]) and rec.mus[7]["box_head"] != 1.0
 
@@ -134,7 +134,7 @@ def test_clip_window_only_clips_inside(tiny_shapes):
     def total_norm(params):
         return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
-    clip_fn, window = trainer._trainer.clip
+    clip_fn, window = trainer.stepper.clip
 
     def spy_clip(params):
         params = list(params)
@@ -142,11 +142,11 @@ def test_clip_window_only_clips_inside(tiny_shapes):
         clip_fn(params)
         clipped[trainer.iter] = (before, total_norm(params))
 
-    trainer._trainer.clip = (spy_clip, window)
+    trainer.stepper.clip = (spy_clip, window)
 
     class Norm(HookBase):
         def before_step(self):
-            step = self.trainer._trainer
+            step = self.trainer.stepper
             inner = step.optimizer.step
 
             def spy():
@@ -156,7 +156,7 @@ def test_clip_window_only_clips_inside(tiny_shapes):
             step.optimizer.step = spy
 
         def after_step(self):
-            del self.trainer._trainer.optimizer.step
+            del self.trainer.stepper.optimizer.step
 
     trainer.register_hooks([Norm()])
     trainer.resume_or_load(resume=False)
@@ -208,3 +208,29 @@ def test_unsmoothed_backlog_between_writes():
             storage.iter = it
             storage.put_scalars(smoothing_hint=False, **{"agvm/mu/x": it / 10})
         assert _unsmoothed_backlog(storage, 5) == {7: {"agvm/mu/x": 0.7}}  # 9 is the latest
+
+
+def test_a_run_validates_once_and_builds_one_modulator(tiny_shapes, monkeypatch):
+    """train_net's main: the config is validated once (setup_cfg; the trainer's call on the same
+    config returns at once) and the modulator is constructed once (nothing builds one only to
+    validate)."""
+    import agvm.detectron2.checks as checks
+    from agvm.core.modulator import GradientVarianceModulator
+
+    built, validated = [], []
+    real_init, real_validate = GradientVarianceModulator.__init__, checks._validate
+
+    def counting_init(self, *a, **k):
+        built.append(1)
+        real_init(self, *a, **k)
+
+    def counting_validate(cfg, world):
+        validated.append(1)
+        real_validate(cfg, world)
+
+    monkeypatch.setattr(GradientVarianceModulator, "__init__", counting_init)
+    monkeypatch.setattr(checks, "_validate", counting_validate)
+    train_net = load_train_net()
+    args = tiny_args(train_net, tiny_shapes / "once", *AGVM_OPTS, "SOLVER.MAX_ITER", "3")
+    train_net.main(args)
+    assert (len(built), len(validated)) == (1, 1)

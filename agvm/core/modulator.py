@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["GradientVarianceModulator", "SettingError"]
+__all__ = ["GradientVarianceModulator", "SettingError", "check_settings"]
 
 
 class SettingError(ValueError):
@@ -27,6 +27,28 @@ class SettingError(ValueError):
     def __init__(self, name: str, value, rule: str) -> None:
         self.name, self.value, self.rule = name, value, rule
         super().__init__(f"{name}={value!r} {rule}")
+
+
+def check_settings(momentum: float = 0.97, interval: int = 10, start_iter: int = 0, stop_iter: Optional[int] = None,
+                   clamp: Optional[Tuple[float, float]] = (0.5, 10.0), eps: float = 1e-6):
+    """Validate the settings of :class:`GradientVarianceModulator` (its arguments but ``modules``
+    and ``anchor``, same meaning and defaults) without building one. Returns ``clamp`` as a pair
+    of floats (or None). Raises :class:`SettingError` naming the argument and what is accepted."""
+    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        raise SettingError("momentum", momentum, "must be in [0, 1) (α, the momentum on μ)")
+    if not (isinstance(interval, int) and interval >= 1):
+        raise SettingError("interval", interval, "must be an integer ≥ 1 (τ, iterations between estimates)")
+    if not (isinstance(start_iter, int) and start_iter >= 0):
+        raise SettingError("start_iter", start_iter, "must be an integer ≥ 0")
+    if stop_iter is not None and not (isinstance(stop_iter, int) and stop_iter >= start_iter):
+        raise SettingError("stop_iter", stop_iter, f"must be None (never) or an integer ≥ the start iteration {start_iter}")
+    if clamp is not None:
+        if len(clamp) != 2 or not (0.0 < float(clamp[0]) <= float(clamp[1])):
+            raise SettingError("clamp", clamp, "must be None (no clamp) or (lo, hi) with 0 < lo ≤ hi")
+        clamp = (float(clamp[0]), float(clamp[1]))
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
+        raise SettingError("eps", eps, "must be a finite number ≥ 0 (added to both variances of the ratio)")
+    return clamp
 
 
 class GradientVarianceModulator:
@@ -76,20 +98,7 @@ class GradientVarianceModulator:
             raise ValueError(f"module names must be unique, got {modules}")
         if anchor not in modules:
             raise SettingError("anchor", anchor, f"is not one of the modules {modules}")
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise SettingError("momentum", momentum, "must be in [0, 1) (α, the momentum on μ)")
-        if not (isinstance(interval, int) and interval >= 1):
-            raise SettingError("interval", interval, "must be an integer ≥ 1 (τ, iterations between estimates)")
-        if not (isinstance(start_iter, int) and start_iter >= 0):
-            raise SettingError("start_iter", start_iter, "must be an integer ≥ 0")
-        if stop_iter is not None and not (isinstance(stop_iter, int) and stop_iter >= start_iter):
-            raise SettingError("stop_iter", stop_iter, f"must be None (never) or an integer ≥ the start iteration {start_iter}")
-        if clamp is not None:
-            if len(clamp) != 2 or not (0.0 < float(clamp[0]) <= float(clamp[1])):
-                raise SettingError("clamp", clamp, "must be None (no clamp) or (lo, hi) with 0 < lo ≤ hi")
-            clamp = (float(clamp[0]), float(clamp[1]))
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
-            raise SettingError("eps", eps, "must be a finite number ≥ 0 (added to both variances of the ratio)")
+        clamp = check_settings(momentum, interval, start_iter, stop_iter, clamp, eps)
         # anchor first, then the others in the given order
         self.modules = [anchor] + [m for m in modules if m != anchor]
         self.anchor = anchor

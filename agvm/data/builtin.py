@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, List, Union
 
-import agvm  # noqa: F401  (compatibility patches before detectron2)
+from .. import compat  # noqa: F401  (importing agvm applies its compatibility patches before detectron2)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = ["DatasetNotFoundError", "check_datasets", "PATH_KEYS"]

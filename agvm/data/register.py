@@ -35,7 +35,7 @@ import logging
 import os
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
-import agvm  # noqa: F401  (compatibility patches before detectron2)
+from .. import compat  # noqa: F401  (importing agvm applies its compatibility patches before detectron2)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json, load_sem_seg
 from detectron2.data.datasets.coco_panoptic import (

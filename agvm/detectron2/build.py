@@ -12,100 +12,19 @@ from detectron2.solver.build import get_default_optimizer_params
 from timm.optim import Lamb, Lars
 
 
-from ..core.modulator import GradientVarianceModulator, SettingError
+from ..core.modulator import SettingError
 from ..core.optim import AGVM, MODULE_KEY
-from ..solver import LR_SCALING_RULES, PMDLamb
-from .config import OPTIMIZERS
+from ..solver import PMDLamb
+from .checks import check_agvm_config
+from .config import OPTIMIZERS, agvm_kwargs, setting_error
 from .groups import group_parameters
 
-__all__ = ["build_agvm_optimizer", "agvm_kwargs", "agvm_param_groups", "agvm_start_iter", "check_agvm_config"]
+__all__ = ["build_agvm_optimizer", "build_clip_fn", "agvm_param_groups"]
 
 #: Optimizers with a layer-wise trust ratio (SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM applies).
 TRUST_RATIO_OPTIMIZERS = ("LARS", "LAMB", "PMD_LAMB")
 
 logger = logging.getLogger(__name__)
-
-
-def agvm_start_iter(cfg: CfgNode) -> int:
-    """``SOLVER.AGVM.START_ITER`` resolved: -1 means ``SOLVER.WARMUP_ITERS + 100``."""
-    return agvm_kwargs(cfg)["start_iter"]
-
-
-#: SOLVER.AGVM key of each argument of the core (GradientVarianceModulator / AGVM).
-CONFIG_KEYS = {"anchor": "ANCHOR", "momentum": "MOMENTUM", "interval": "INTERVAL", "start_iter": "START_ITER",
-               "stop_iter": "STOP_ITER", "clamp": "CLAMP", "eps": "EPS", "measure_only": "MEASURE_ONLY",
-               "precondition": "PRECONDITION"}
-_SENTINELS = {"START_ITER": " (or -1: SOLVER.WARMUP_ITERS + 100)", "STOP_ITER": " (or -1: never stop)",
-              "CLAMP": " (() = no clamp)"}
-
-
-def agvm_kwargs(cfg: CfgNode) -> Dict[str, Any]:
-    """The core's keyword arguments (:class:`agvm.AGVM` and its modulator) from SOLVER.AGVM,
-    with every config sentinel resolved here and nowhere else: START_ITER -1 → WARMUP_ITERS +
-    100 (the release), STOP_ITER -1 → None, CLAMP () → None, PRECONDITION auto/on/off →
-    "auto"/True/False. Validation of the values is the core's (:func:`check_agvm_config`)."""
-    a = cfg.SOLVER.AGVM
-    return {
-        "anchor": a.ANCHOR,
-        "momentum": a.MOMENTUM,
-        "interval": a.INTERVAL,
-        "start_iter": cfg.SOLVER.WARMUP_ITERS + 100 if a.START_ITER == -1 else a.START_ITER,
-        "stop_iter": None if a.STOP_ITER == -1 else a.STOP_ITER,
-        "clamp": tuple(a.CLAMP) or None,
-        "eps": a.EPS,
-        "measure_only": a.MEASURE_ONLY,
-        "precondition": {"auto": "auto", "on": True, "off": False}.get(a.PRECONDITION, a.PRECONDITION),
-    }
-
-
-def check_agvm_config(cfg: CfgNode) -> None:
-    """Reject bad agvm keys before anything is built; each error names the key and value."""
-    s = cfg.SOLVER
-    if s.OPTIMIZER not in OPTIMIZERS:
-        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r} is not one of {list(OPTIMIZERS)}")
-    if not (isinstance(s.GRAD_ACCUM_STEPS, int) and s.GRAD_ACCUM_STEPS >= 1):
-        raise ValueError(f"SOLVER.GRAD_ACCUM_STEPS={s.GRAD_ACCUM_STEPS!r} must be an integer ≥ 1")
-    if s.OPTIMIZER == "SAM":
-        if s.SAM.BASE_OPTIMIZER not in ("SGD", "AdamW"):
-            raise ValueError(f"SOLVER.SAM.BASE_OPTIMIZER={s.SAM.BASE_OPTIMIZER!r} must be 'SGD' or 'AdamW'")
-        if not s.SAM.RHO > 0:
-            raise ValueError(f"SOLVER.SAM.RHO={s.SAM.RHO!r} must be > 0")
-        if s.AGVM.ENABLED:
-            raise ValueError(
-                "SOLVER.OPTIMIZER='SAM' cannot be combined with SOLVER.AGVM.ENABLED=True: SAM's gradient is "
-                "taken at a perturbed point shared by both half-batches, so AGVM's two half-batch estimates "
-                "would not be independent. Use SGD or AdamW with AGVM."
-            )
-        if s.AMP.ENABLED:
-            raise ValueError("SOLVER.OPTIMIZER='SAM' does not support SOLVER.AMP.ENABLED=True")
-    if s.LR_SCALING.RULE not in LR_SCALING_RULES:
-        raise ValueError(f"SOLVER.LR_SCALING.RULE={s.LR_SCALING.RULE!r} is not one of {list(LR_SCALING_RULES)}")
-    if s.WARMUP_METHOD not in ("linear", "constant", "exp"):
-        raise ValueError(f"SOLVER.WARMUP_METHOD={s.WARMUP_METHOD!r} must be 'linear', 'constant' or 'exp'")
-    if s.CLIP_GRADIENTS.CLIP_TYPE not in ("value", "norm", "full_model"):
-        raise ValueError(
-            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={s.CLIP_GRADIENTS.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, "
-            "detectron2's meaning) or 'full_model' (one norm over the whole model)"
-        )
-    rng = tuple(s.CLIP_GRADIENTS.ITER_RANGE)
-    if len(rng) != 2 or (rng != (-1, -1) and not (0 <= rng[0] <= rng[1])):
-        raise ValueError(
-            f"SOLVER.CLIP_GRADIENTS.ITER_RANGE={rng!r} must be (-1, -1) (always) or (start, end) with 0 ≤ start ≤ end"
-        )
-    a = s.AGVM
-    if not a.ENABLED:
-        return
-    if a.PRECONDITION not in ("auto", "on", "off"):
-        raise ValueError(f"SOLVER.AGVM.PRECONDITION={a.PRECONDITION!r} must be 'auto', 'on' or 'off'")
-    kwargs = agvm_kwargs(cfg)
-    kwargs.pop("precondition")
-    try:  # the core validates its own arguments; the message is given the config key here
-        GradientVarianceModulator([a.ANCHOR], **kwargs)
-    except SettingError as e:
-        key = CONFIG_KEYS[e.name]
-        raise ValueError(f"SOLVER.AGVM.{key}={a[key]!r} {e.rule}{_SENTINELS.get(key, '')}") from None
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-        raise ValueError(f"SOLVER.AMP.ENABLED=True needs a CUDA device, got MODEL.DEVICE={cfg.MODEL.DEVICE!r}")
 
 
 def agvm_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, Any]]:
@@ -159,6 +78,8 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
     from timm; PMD_LAMB (:class:`agvm.solver.PMDLamb`); SAM returns its base optimizer (the
     trainer runs SAM's two passes). SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY for all. Gradient
     clipping is applied by the trainer (it knows the iteration, for CLIP_GRADIENTS.ITER_RANGE).
+    Raises ValueError for a bad solver or SOLVER.AGVM key (:func:`check_agvm_config`; nothing
+    is checked twice in a run), naming the key and value.
     """
     check_agvm_config(cfg)
     groups = agvm_param_groups(cfg, model)
@@ -177,7 +98,7 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
             groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, weight_decay=s.WEIGHT_DECAY,
             trust_coeff=s.LARS.TRUST_COEFF, eps=s.LARS.EPS, trust_clip=s.LARS.TRUST_CLIP,
         )
-    else:  # LAMB / PMD_LAMB (check_agvm_config rejected anything else)
+    elif name in ("LAMB", "PMD_LAMB"):
         kwargs = dict(
             lr=s.BASE_LR, betas=tuple(s.BETAS), eps=s.EPS, weight_decay=s.WEIGHT_DECAY,
             max_grad_norm=s.LAMB.MAX_GRAD_NORM or None, trust_clip=s.LAMB.TRUST_CLIP,
@@ -186,9 +107,14 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
             optimizer = Lamb(groups, **kwargs)
         else:
             optimizer = PMDLamb(groups, decay_period=s.PMD.PERIOD, decay_factor=s.PMD.FACTOR, **kwargs)
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r} is not one of {list(OPTIMIZERS)}")
     if not s.AGVM.ENABLED:
         return optimizer
-    wrapped = AGVM(optimizer, **agvm_kwargs(cfg))
+    try:
+        wrapped = AGVM(optimizer, **agvm_kwargs(cfg))
+    except SettingError as e:
+        raise setting_error(cfg, e) from None
     sizes = {m: sum(p.numel() for p in ps) for m, ps in wrapped.params_by_module().items()}
     logger.info(
         "AGVM modules (parameters): "
@@ -197,3 +123,25 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
     )
     return wrapped
 
+
+def build_clip_fn(cfg: CfgNode):
+    """The clipping function ``fn(params)`` of ``SOLVER.CLIP_GRADIENTS`` (the trainer applies
+    it in ``ITER_RANGE``): detectron2's ``"value"`` (each element to
+    ±CLIP_VALUE) and ``"norm"`` (each parameter tensor separately to L-NORM_TYPE norm ≤
+    CLIP_VALUE), plus ``"full_model"`` (one norm over all parameters together, the authors'
+    release and Mask2Former's name for it)."""
+    c = cfg.SOLVER.CLIP_GRADIENTS
+    if c.CLIP_TYPE == "value":
+        return lambda params: torch.nn.utils.clip_grad_value_(params, c.CLIP_VALUE)
+    if c.CLIP_TYPE == "norm":
+        def per_parameter(params):
+            for p in params:
+                if p.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(p, c.CLIP_VALUE, c.NORM_TYPE)
+        return per_parameter
+    if c.CLIP_TYPE == "full_model":
+        return lambda params: torch.nn.utils.clip_grad_norm_(params, c.CLIP_VALUE, c.NORM_TYPE)
+    raise ValueError(
+        f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={c.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, detectron2's "
+        "meaning) or 'full_model' (one norm over the whole model)"
+    )

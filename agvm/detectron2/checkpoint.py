@@ -100,6 +100,12 @@ class SafeCheckpointer(DetectionCheckpointer):
     #: the checkpoint file the last ``resume_or_load`` actually loaded (None: none)
     loaded_checkpoint: Optional[str] = None
 
+    def __init__(self, model, save_dir: str = "", *, per_rank: Any = None,
+                 before_save: Optional[Callable[[], None]] = None, **kwargs: Any) -> None:
+        super().__init__(model, save_dir, **kwargs)
+        self.per_rank = per_rank
+        self.before_save = before_save
+
     def save(self, name: str, **kwargs: Any) -> None:
         if self.save_dir and self.per_rank is not None:
             self._save_rank_state(name)

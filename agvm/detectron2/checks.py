@@ -7,6 +7,7 @@ existing output folder byte-identical. Every error names the key and the value.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import List, Optional, Sequence
@@ -14,12 +15,73 @@ from typing import List, Optional, Sequence
 from detectron2.config import CfgNode
 from detectron2.utils import comm
 
-from .build import agvm_start_iter, check_agvm_config
+from ..core.modulator import SettingError, check_settings
+from .config import agvm_kwargs, agvm_start_iter, check_choices, setting_error
 
-__all__ = ["build_run_config", "check_datasets_registered", "check_num_classes", "check_norm_device", "check_run_config", "check_split_batch",
+__all__ = ["build_run_config", "check_agvm_config", "check_datasets_registered", "check_num_classes", "check_norm_device", "check_run_config", "check_split_batch",
            "ineffective_keys", "validate_config"]
 
 logger = logging.getLogger(__name__)
+
+
+#: Digests of the configs each check accepted in this process: a run checks its config once.
+_ACCEPTED: set = set()
+
+
+def _once(what: str, cfg: CfgNode, check, *args) -> None:
+    """Run ``check(cfg, *args)`` unless it accepted the same config (content and ``args``) before."""
+    digest = hashlib.sha256(f"{what}\n{args}\n{cfg.dump()}".encode()).hexdigest()
+    if digest not in _ACCEPTED:
+        check(cfg, *args)
+        _ACCEPTED.add(digest)
+
+
+def check_agvm_config(cfg: CfgNode) -> None:
+    """Reject bad solver and SOLVER.AGVM keys before anything is built; each error names the key
+    and value: the fixed choices of :data:`agvm.detectron2.config.KEYS`, the core's rules for
+    α, τ, start/stop, clamp and eps (:func:`agvm.core.modulator.check_settings`, nothing built),
+    and the combinations the trainer cannot run. Called by :func:`validate_config` and by
+    :func:`agvm.detectron2.build_agvm_optimizer`; a config it accepted is not checked again."""
+    _once("agvm", cfg, _check_agvm_config)
+
+
+def _check_agvm_config(cfg: CfgNode) -> None:
+    check_choices(cfg)
+    s = cfg.SOLVER
+    if not (isinstance(s.GRAD_ACCUM_STEPS, int) and s.GRAD_ACCUM_STEPS >= 1):
+        raise ValueError(f"SOLVER.GRAD_ACCUM_STEPS={s.GRAD_ACCUM_STEPS!r} must be an integer ≥ 1")
+    if s.OPTIMIZER == "SAM":
+        if not s.SAM.RHO > 0:
+            raise ValueError(f"SOLVER.SAM.RHO={s.SAM.RHO!r} must be > 0")
+        if s.AGVM.ENABLED:
+            raise ValueError(
+                "SOLVER.OPTIMIZER='SAM' cannot be combined with SOLVER.AGVM.ENABLED=True: SAM's gradient is "
+                "taken at a perturbed point shared by both half-batches, so AGVM's two half-batch estimates "
+                "would not be independent. Use SGD or AdamW with AGVM."
+            )
+        if s.AMP.ENABLED:
+            raise ValueError("SOLVER.OPTIMIZER='SAM' does not support SOLVER.AMP.ENABLED=True")
+    if s.WARMUP_METHOD not in ("linear", "constant", "exp"):
+        raise ValueError(f"SOLVER.WARMUP_METHOD={s.WARMUP_METHOD!r} must be 'linear', 'constant' or 'exp'")
+    if s.CLIP_GRADIENTS.CLIP_TYPE not in ("value", "norm", "full_model"):
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={s.CLIP_GRADIENTS.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, "
+            "detectron2's meaning) or 'full_model' (one norm over the whole model)"
+        )
+    rng = tuple(s.CLIP_GRADIENTS.ITER_RANGE)
+    if len(rng) != 2 or (rng != (-1, -1) and not (0 <= rng[0] <= rng[1])):
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.ITER_RANGE={rng!r} must be (-1, -1) (always) or (start, end) with 0 ≤ start ≤ end"
+        )
+    if not s.AGVM.ENABLED:
+        return
+    kwargs = agvm_kwargs(cfg)
+    try:
+        check_settings(*(kwargs[k] for k in ("momentum", "interval", "start_iter", "stop_iter", "clamp", "eps")))
+    except SettingError as e:
+        raise setting_error(cfg, e) from None
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ValueError(f"SOLVER.AMP.ENABLED=True needs a CUDA device, got MODEL.DEVICE={cfg.MODEL.DEVICE!r}")
 
 
 def ineffective_keys(cfg: CfgNode) -> List[str]:
@@ -134,7 +196,14 @@ def validate_config(cfg: CfgNode, world_size: Optional[int] = None) -> None:
     """Solver and AGVM keys (:func:`agvm.detectron2.check_agvm_config`), the schedule, the
     batch against the world size (default: the running job's) and accumulation, SyncBN against
     the device, and the datasets (registered). Raises ``ValueError``/``KeyError`` naming the key
-    and value; settings without effect (:func:`ineffective_keys`) are logged as a warning."""
+    and value; settings without effect (:func:`ineffective_keys`) are logged as a warning.
+
+    A run validates its config once: ``setup_cfg`` validates before anything is written, and
+    the trainer's own call on the same config (same content, same world size) returns at once."""
+    _once("run", cfg, _validate, comm.get_world_size() if world_size is None else world_size)
+
+
+def _validate(cfg: CfgNode, world_size: int) -> None:
     check_agvm_config(cfg)
     unused = ineffective_keys(cfg)
     if unused:

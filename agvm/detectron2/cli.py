@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser as _d2_argument_parser
 from detectron2.engine import default_setup
@@ -31,12 +31,12 @@ from ..data.register import prepare_datasets, register_shapes
 from ..evaluation import PanopticQualityEvaluator
 from ..solver import scale_lr
 from .checks import build_run_config, validate_config
-from .config import add_agvm_config, rescale_config
+from .config import help_lines, rescale_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "preflight", "print_results", "register_datasets",
-           "setup_cfg", "train_or_evaluate"]
+__all__ = ["build_evaluator", "default_argument_parser", "launch_cli", "preflight", "prepare_pretrained", "print_results",
+           "register_datasets", "setup_cfg", "train_or_evaluate"]
 
 
 def default_argument_parser(epilog: Optional[str] = None):
@@ -65,20 +65,15 @@ def default_argument_parser(epilog: Optional[str] = None):
 
 
 def _agvm_epilog() -> str:
-    """The ``--help`` epilog: how to run, and agvm's config keys with their defaults."""
-
-    cfg = get_cfg()
-    add_agvm_config(cfg)
-    keys = [f"  SOLVER.AGVM.{k} {v!r}" for k, v in cfg.SOLVER.AGVM.items()]
-    keys += [f"  SOLVER.{k} {cfg.SOLVER[k]!r}" for k in ("OPTIMIZER", "GRAD_ACCUM_STEPS", "MAX_CONSECUTIVE_NONFINITE")]
-    keys.append("  SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'value' | 'norm' (per parameter) | 'full_model'")
+    """The ``--help`` epilog: how to run, and the SOLVER.AGVM keys with their defaults and
+    meanings (from :data:`agvm.detectron2.config.KEYS`)."""
     return (
         "Examples:\n"
         "  train_net.py --config-file <cfg.yaml> --num-gpus 8 [KEY VALUE ...]\n"
         "  train_net.py --config-file <cfg.yaml> --num-gpus 2 MODEL.DEVICE cpu      (CPU processes, gloo)\n"
         "  torchrun --nnodes 2 --nproc_per_node 8 ... train_net.py --config-file <cfg.yaml>\n"
         "  train_net.py --config-file <cfg.yaml> --eval-only MODEL.WEIGHTS <model.pth>\n\n"
-        "AGVM config keys (KEY default; see README 'AGVM in detectron2'):\n" + "\n".join(keys)
+        "AGVM config keys (KEY default  meaning; every key: docs/config.md):\n" + "\n".join(help_lines())
     )
 
 
@@ -93,8 +88,9 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
     CPU-only machine. Registers the embedded ``shapes_*`` datasets, and raises
     :class:`agvm.data.builtin.DatasetNotFoundError` when a builtin dataset (COCO, ADE20K) of
     ``DATASETS.TRAIN``/``TEST`` is not on disk. Every check of :func:`validate_config` runs
-    before detectron2's ``default_setup`` writes anything to ``OUTPUT_DIR``. ``args`` is the namespace of
-    :func:`default_argument_parser`.
+    before detectron2's ``default_setup`` writes anything to ``OUTPUT_DIR``. A missing
+    ``agvm-pretrained://`` backbone named by ``MODEL.WEIGHTS`` is then built
+    (:func:`prepare_pretrained`). ``args`` is the namespace of :func:`default_argument_parser`.
     """
     register_shapes()
     register_datasets(getattr(args, "dataset", None) or [])
@@ -119,7 +115,35 @@ def setup_cfg(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> 
         logging.getLogger("agvm").warning("No CUDA device found: running on CPU (MODEL.DEVICE cpu).")
     if rescaled:
         logging.getLogger("agvm").info("--max-iter: schedule rescaled: " + ", ".join(rescaled))
+    prepare_pretrained(cfg)  # a missing agvm-pretrained:// backbone is built here, visibly, once
     return cfg
+
+
+def prepare_pretrained(cfg: CfgNode) -> Optional[str]:
+    """Make the ``agvm-pretrained://`` backbone that ``MODEL.WEIGHTS`` names ready before the
+    model loads it (:mod:`agvm.detectron2.catalog` only resolves, never builds): when it is
+    missing or fails verification, log that it is being built and build it with a progress line
+    per epoch (:func:`agvm.data.pretrained.ensure_pretrained`; about 2 min on one CPU core, once
+    per cache), on the first process of each machine while the others wait. Returns the local
+    path of the weights, or None when ``MODEL.WEIGHTS`` is not such a URL."""
+    from .catalog import URL_PREFIX, locate_url, pretrained_name, resolve_pretrained_url
+
+    url = cfg.MODEL.WEIGHTS
+    if not url.startswith(URL_PREFIX):
+        return None
+    if comm.get_local_rank() == 0:
+        path, problems = locate_url(url)
+        if problems:
+            from ..data.pretrained import PRETRAINED, build_command, ensure_pretrained
+
+            log = logging.getLogger("agvm")
+            name = pretrained_name(url)
+            log.warning(f"building the mini pretrained backbone {url} into {os.path.dirname(path)} (about 2 min on "
+                        f"one CPU core, once; `{build_command(name)}` builds it ahead): {'; '.join(problems)}")
+            ensure_pretrained(**PRETRAINED[name])
+            log.info(f"mini pretrained backbone ready: {path}")
+    comm.synchronize()  # the other processes of the machine wait for the build
+    return resolve_pretrained_url(url)
 
 
 #: What a project can ask to be evaluated (its Trainer's ``metrics``) -> the evaluator kind.
@@ -225,27 +249,31 @@ def train_or_evaluate(cfg: CfgNode, args, trainer_cls) -> Mapping:
     return results
 
 
-def launch_cli(main: Callable, argv=None):
+def launch_cli(main: Callable, argv=None, config_adders: Iterable[Callable[[CfgNode], None]] = ()):
     """The ``if __name__ == "__main__":`` body of every ``train_net.py``: parse the command line
-    (:func:`default_argument_parser`) and run ``main(args)`` in every process of the job
-    (:func:`agvm.detectron2.launch`: GPUs, CPU processes, several machines, torchrun, srun)."""
+    (:func:`default_argument_parser`), check it (:func:`preflight`, with the project's own
+    ``config_adders``, as given to :func:`setup_cfg`), and run ``main(args)`` in every process
+    of the job (:func:`agvm.detectron2.launch`: GPUs, CPU processes, several machines, torchrun,
+    srun) on the device the config names (``MODEL.DEVICE``), decided here once."""
     import sys
 
     from .launch import launch
 
     args = default_argument_parser().parse_args(argv)
     try:
-        note = preflight(args)
+        cfg = preflight(args, config_adders)
     except ValueError as e:
         if args.debug:
             raise
         prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
         print(f"{prog}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2)
-    if note:
-        print(note, file=sys.stderr, flush=True)
+    device = "cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
+    world = args.num_gpus * args.num_machines
+    if world > 1 and device == "cpu":
+        print(f"note: MODEL.DEVICE is cpu: starting {world} CPU processes (gloo), not GPUs", file=sys.stderr, flush=True)
     return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+                  dist_url=args.dist_url, args=(args,), device=device)
 
 
 def register_datasets(datasets: Sequence[Sequence[str]]) -> None:
@@ -275,23 +303,23 @@ def register_datasets(datasets: Sequence[Sequence[str]]) -> None:
             MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
 
 
-def preflight(args) -> Optional[str]:
+def preflight(args, config_adders: Iterable[Callable[[CfgNode], None]] = ()) -> CfgNode:
     """What :func:`launch_cli` checks before any process starts, from the command line alone:
     the config file exists, every key exists (with a "did you mean"), values merge, ``--max-iter``
-    applies, and ``SOLVER.IMS_PER_BATCH`` splits over ``--num-gpus × --num-machines`` processes
-    (:func:`agvm.detectron2.checks.check_split_batch`). Raises ValueError with a one-line
-    message. Returns a note to print, or None: several CPU processes are about to start."""
+    applies, ``SOLVER.IMS_PER_BATCH`` splits over ``--num-gpus × --num-machines`` processes
+    (:func:`agvm.detectron2.checks.check_split_batch`), the class counts match the datasets, and
+    several CUDA processes have GPUs. Raises ValueError with a one-line message. Returns the
+    (unfrozen) config it built: the launcher takes the device from it."""
     from .checks import build_run_config, check_num_classes, check_split_batch
 
     register_shapes()
     register_datasets(getattr(args, "dataset", None) or [])
-    cfg = build_run_config(args.config_file, args.opts or [], getattr(args, "max_iter", None))
+    cfg = build_run_config(args.config_file, args.opts or [], getattr(args, "max_iter", None),
+                           config_adders=config_adders)
     world = args.num_gpus * args.num_machines
     check_split_batch(cfg, world)
     check_num_classes(cfg)
     if world > 1 and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--num-gpus {args.num_gpus} with MODEL.DEVICE {cfg.MODEL.DEVICE}, but no GPU is visible "
                          "(add MODEL.DEVICE cpu to run CPU processes on purpose)")
-    if world > 1 and cfg.MODEL.DEVICE == "cpu":
-        return f"note: MODEL.DEVICE is cpu: starting {world} CPU processes (gloo), not GPUs"
-    return None
+    return cfg

@@ -1,133 +1,217 @@
-"""``add_agvm_config(cfg)``: the config keys of agvm, with their defaults and units."""
+"""agvm's config keys: one map (:data:`KEYS`) from which everything about them is derived.
+
+Each :class:`Key` gives the config key, its default, what it means (one line, with its unit),
+the argument of the core (:class:`agvm.AGVM` / :class:`agvm.GradientVarianceModulator`) it
+becomes, the values it accepts and what a special value means. From the map come
+:func:`add_solver_config` and :func:`add_agvm_config` (the keys and defaults), :func:`agvm_kwargs`
+(the core's arguments), the validation messages (:func:`config_key`), the ``--help`` epilog
+(:func:`help_lines`) and the configuration reference in ``docs/config.md``
+(:func:`key_table`, ``python -m agvm.detectron2.config``). Adding a hyperparameter of the
+method = its core argument + one entry here.
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from detectron2.config import CfgNode as CN
 
 from ..core.modulator import GradientVarianceModulator
-from ..solver.schedules import rescale_schedule
+from ..solver.schedules import LR_SCALING_RULES, rescale_schedule
 
-#: The core's defaults (α, τ, clamp, eps, anchor, measure_only): the config takes them from
-#: there, so each default lives in one place (agvm.core.modulator).
-_CORE = {k: p.default for k, p in inspect.signature(GradientVarianceModulator).parameters.items()
-         if p.default is not inspect.Parameter.empty}
-
-__all__ = ["add_agvm_config", "add_solver_config", "rescale_config", "OPTIMIZERS"]
+__all__ = ["KEYS", "OPTIMIZERS", "Key", "add_agvm_config", "add_solver_config", "agvm_kwargs", "agvm_start_iter",
+           "check_choices", "config_key", "help_lines", "setting_error", "value_of", "key_table", "rescale_config"]
 
 #: Values accepted by ``SOLVER.OPTIMIZER``.
 OPTIMIZERS = ("SGD", "AdamW", "LARS", "LAMB", "SAM", "PMD_LAMB")
 
+#: The core's defaults (α, τ, clamp, eps, anchor, measure_only): each lives in agvm.core.modulator.
+_CORE = {k: p.default for k, p in inspect.signature(GradientVarianceModulator).parameters.items()
+         if p.default is not inspect.Parameter.empty}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key of agvm.
+
+    Attributes:
+        name: the full key, e.g. ``"SOLVER.AGVM.MOMENTUM"``.
+        default: its default value.
+        meaning: one line: what it is, its unit, where it comes from.
+        arg: the core argument it becomes (:func:`agvm_kwargs`), or None (a trainer setting).
+        choices: the accepted values, when they are a fixed set (checked by ``validate_config``).
+        special: what a special value means, appended to error messages, e.g. ``"-1: never stop"``.
+        to_arg: ``(value, cfg) -> argument`` resolving the special value; default: the value.
+    """
+
+    name: str
+    default: Any
+    meaning: str
+    arg: Optional[str] = None
+    choices: Tuple = ()
+    special: str = ""
+    to_arg: Optional[Callable[[Any, CN], Any]] = None
+
+
+KEYS: Tuple[Key, ...] = (
+    # ---------------------------------------------------------------- solver (add_solver_config)
+    Key("SOLVER.OPTIMIZER", "SGD", "optimizer: SGD, AdamW (torch), LARS, LAMB (timm), PMD_LAMB (LAMB with periodic "
+        "moment decay), SAM (two passes per step); weight decay and norm/bias groups are detectron2's",
+        choices=OPTIMIZERS),
+    Key("SOLVER.BETAS", (0.9, 0.999), "AdamW / LAMB (β1, β2)"),
+    Key("SOLVER.EPS", 1e-8, "AdamW / LAMB ε"),
+    Key("SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM", True, "LARS / LAMB / PMD_LAMB: 1-D parameters (biases, norm weights) "
+        "get no trust ratio and no weight decay (the papers' convention); False: every parameter is adapted"),
+    Key("SOLVER.LARS.TRUST_COEFF", 0.001, "LARS: η of the trust ratio η·‖w‖/‖g + wd·w‖"),
+    Key("SOLVER.LARS.EPS", 1e-8, "LARS: added to the trust ratio's denominator"),
+    Key("SOLVER.LARS.TRUST_CLIP", False, "LARS: clip the trust ratio at 1 (LARC)"),
+    Key("SOLVER.LAMB.MAX_GRAD_NORM", 0.0, "LAMB: its own global gradient-norm clipping before the update; 0.0 = off "
+        "(timm's default is 1.0; use SOLVER.CLIP_GRADIENTS for ordinary clipping)"),
+    Key("SOLVER.LAMB.TRUST_CLIP", False, "LAMB: clip the trust ratio at 1"),
+    Key("SOLVER.PMD.PERIOD", 100, "PMD_LAMB: optimizer steps between two moment decays (our assumption: the paper's "
+        "schedule is not public)"),
+    Key("SOLVER.PMD.FACTOR", 0.5, "PMD_LAMB: factor applied to both LAMB moments at each decay"),
+    Key("SOLVER.SAM.RHO", 0.05, "SAM: radius ρ of the ascent step ρ·g/‖g‖ (L2 over the whole model)"),
+    Key("SOLVER.SAM.BASE_OPTIMIZER", "SGD", "SAM: the optimizer that steps at the SAM gradient",
+        choices=("SGD", "AdamW")),
+    Key("SOLVER.LR_SCALING.RULE", "none", "learning rate by a scaling rule: none keeps SOLVER.BASE_LR; linear / sqrt "
+        "set BASE_LR = REFERENCE_LR scaled from REFERENCE_IMS_PER_BATCH to SOLVER.IMS_PER_BATCH",
+        choices=LR_SCALING_RULES),
+    Key("SOLVER.LR_SCALING.REFERENCE_IMS_PER_BATCH", 16, "the scaling rule's reference batch (images per iteration)"),
+    Key("SOLVER.LR_SCALING.REFERENCE_LR", 0.02, "the scaling rule's learning rate at the reference batch"),
+    Key("SOLVER.GRAD_ACCUM_STEPS", 1, "micro-batches per iteration per process (≥ 1); SOLVER.IMS_PER_BATCH stays the "
+        "global batch and each process's share must be divisible by it"),
+    Key("SOLVER.CLIP_GRADIENTS.ITER_RANGE", (-1, -1), "gradient clipping (detectron2's SOLVER.CLIP_GRADIENTS, plus "
+        "CLIP_TYPE 'full_model': one norm over all parameters) only in iterations [start, end], inclusive, 0-based; "
+        "(-1, -1) = every iteration (the release clips in [warm-up − 100, warm-up + 100])"),
+    Key("SOLVER.DDP_FP16_COMPRESSION", False, "under DDP, all-reduce gradients in fp16 on ordinary iterations (AGVM "
+        "iterations stay in full precision)"),
+    Key("SOLVER.MAX_CONSECUTIVE_NONFINITE", 5, "steps whose gradients hold a NaN/inf are skipped (no parameter, "
+        "optimizer-state or μ change); training stops after this many in a row (≥ 1); with AMP the GradScaler skips"),
+    # ---------------------------------------------------------------- the method (add_agvm_config)
+    Key("SOLVER.AGVM.ENABLED", False, "modulate each module's learning rate by μ = sqrt(Φ_anchor / Φ_module)"),
+    Key("SOLVER.AGVM.MEASURE_ONLY", _CORE["measure_only"], "with ENABLED: estimate and log Φ every INTERVAL iterations "
+        "but keep μ = 1 (the step is plain training's; the paper's Figure 1 curves)", arg="measure_only"),
+    Key("SOLVER.AGVM.MOMENTUM", _CORE["momentum"], "α, the momentum on μ, in [0, 1); paper: 0.97 (flat over "
+        "[0.95, 0.98])", arg="momentum"),
+    Key("SOLVER.AGVM.INTERVAL", _CORE["interval"], "τ, iterations between two estimates of Φ (≥ 1); paper: 10 (5 "
+        "above ~1K batch)", arg="interval"),
+    Key("SOLVER.AGVM.START_ITER", -1, "first iteration (0-based) with an estimate", arg="start_iter",
+        special="-1: SOLVER.WARMUP_ITERS + 100, the release",
+        to_arg=lambda v, cfg: cfg.SOLVER.WARMUP_ITERS + 100 if v == -1 else v),
+    Key("SOLVER.AGVM.STOP_ITER", -1, "last iteration that may estimate; after it μ = 1 (the release's "
+        "lr_update_stop_iter)", arg="stop_iter", special="-1: never stop",
+        to_arg=lambda v, cfg: None if v == -1 else v),
+    Key("SOLVER.AGVM.CLAMP", tuple(_CORE["clamp"]), "(lo, hi) bounds of Φ_anchor / Φ_module before the square root, "
+        "0 < lo ≤ hi; the release's (0.5, 10.0) gives μ_new in [0.707, 3.16]", arg="clamp",
+        special="(): no clamp", to_arg=lambda v, cfg: tuple(v) or None),
+    Key("SOLVER.AGVM.EPS", _CORE["eps"], "added to both variances of the ratio", arg="eps"),
+    Key("SOLVER.AGVM.ANCHOR", _CORE["anchor"], "the module the others are aligned to (its μ is 1); paper: backbone "
+        "(best in its ablation)", arg="anchor"),
+    Key("SOLVER.AGVM.GROUPS", [], "extra [module name, regex] rules tried before agvm.detectron2.groups' defaults, "
+        "e.g. [[\"box_predictor\", \"^roi_heads\\\\.box_predictor\\\\.\"]]; [] = automatic grouping"),
+    Key("SOLVER.AGVM.PRECONDITION", "auto", "Φ from Adam-preconditioned half-gradients: auto (for AdamW), on or off",
+        arg="precondition", choices=("auto", "on", "off"),
+        to_arg=lambda v, cfg: {"auto": "auto", "on": True, "off": False}.get(v, v)),
+)
+
+_BY_NAME: Dict[str, Key] = {k.name: k for k in KEYS}
+_BY_ARG: Dict[str, Key] = {k.arg: k for k in KEYS if k.arg}
+
+
+def _add(cfg: CN, keys) -> None:
+    for key in keys:
+        *path, leaf = key.name.split(".")
+        node = cfg
+        for part in path:
+            if part not in node:
+                node[part] = CN()
+            node = node[part]
+        if leaf not in node:
+            node[leaf] = list(key.default) if isinstance(key.default, list) else key.default
+
 
 def add_solver_config(cfg: CN) -> None:
-    """Add the solver keys agvm's trainer understands besides SOLVER.AGVM.* (in place;
-    idempotent): SOLVER.OPTIMIZER and each optimizer's settings, LR scaling, gradient
-    accumulation, the clipping window, DDP fp16 compression, the non-finite policy."""
-    if "OPTIMIZER" in cfg.SOLVER:
-        return
-    _C = cfg
-    # Optimizer, one of OPTIMIZERS. Weight decay and the norm/bias groups are detectron2's
-    # (SOLVER.WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS, BIAS_LR_FACTOR).
-    #   "SGD"       torch SGD: SOLVER.MOMENTUM, SOLVER.NESTEROV
-    #   "AdamW"     torch AdamW: SOLVER.BETAS, SOLVER.EPS
-    #   "LARS"      timm Lars (You et al. 2017): SOLVER.MOMENTUM, SOLVER.NESTEROV, SOLVER.LARS.*
-    #   "LAMB"      timm Lamb (You et al. 2020): SOLVER.BETAS, SOLVER.EPS, SOLVER.LAMB.*
-    #   "PMD_LAMB"  LAMB with periodic moment decay (Wang et al. 2020): SOLVER.LAMB.*, SOLVER.PMD.*
-    #   "SAM"       SAM (Foret et al. 2021), two passes per step: SOLVER.SAM.*
-    _C.SOLVER.OPTIMIZER = "SGD"
-    _C.SOLVER.BETAS = (0.9, 0.999)  # AdamW / LAMB (β1, β2)
-    _C.SOLVER.EPS = 1e-8  # AdamW / LAMB ε
-    # LARS / LAMB / PMD_LAMB: exclude 1-D parameters (biases, norm weights) from the trust
-    # ratio, the convention of the LARS/LAMB papers: they get no layer-wise adaptation and no
-    # weight decay. False: every parameter is adapted (timm's always_adapt) with its group's decay.
-    _C.SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM = True
-    _C.SOLVER.LARS = CN()
-    _C.SOLVER.LARS.TRUST_COEFF = 0.001  # η of the trust ratio η·‖w‖/‖g + wd·w‖
-    _C.SOLVER.LARS.EPS = 1e-8  # added to the trust ratio's denominator
-    _C.SOLVER.LARS.TRUST_CLIP = False  # clip the trust ratio at 1 (LARC)
-    _C.SOLVER.LAMB = CN()
-    # LAMB's own global gradient-norm clipping (timm's default is 1.0, applied to the whole
-    # model before the update); 0.0 = off. Use SOLVER.CLIP_GRADIENTS for ordinary clipping.
-    _C.SOLVER.LAMB.MAX_GRAD_NORM = 0.0
-    _C.SOLVER.LAMB.TRUST_CLIP = False  # clip the trust ratio at 1
-    _C.SOLVER.PMD = CN()
-    # PMD_LAMB: multiply both LAMB moments by FACTOR every PERIOD optimizer steps. The paper's
-    # schedule is not public: these defaults are our assumption (see agvm.solver.pmd_lamb).
-    _C.SOLVER.PMD.PERIOD = 100
-    _C.SOLVER.PMD.FACTOR = 0.5
-    _C.SOLVER.SAM = CN()
-    _C.SOLVER.SAM.RHO = 0.05  # radius of the ascent step ρ·g/‖g‖ (L2, whole model)
-    _C.SOLVER.SAM.BASE_OPTIMIZER = "SGD"  # the optimizer that steps at the SAM gradient: SGD or AdamW
-    # Learning rate by a scaling rule: RULE "none" keeps SOLVER.BASE_LR; "linear" / "sqrt" set
-    # BASE_LR = REFERENCE_LR scaled from REFERENCE_IMS_PER_BATCH to SOLVER.IMS_PER_BATCH.
-    _C.SOLVER.LR_SCALING = CN()
-    _C.SOLVER.LR_SCALING.RULE = "none"
-    _C.SOLVER.LR_SCALING.REFERENCE_IMS_PER_BATCH = 16  # images per iteration
-    _C.SOLVER.LR_SCALING.REFERENCE_LR = 0.02
-    # SOLVER.WARMUP_METHOD also accepts "exp": factor WARMUP_FACTOR^(1 − t/WARMUP_ITERS), the
-    # authors' release (with WARMUP_FACTOR 0.001).
-    # Micro-batches per iteration per process (≥ 1). SOLVER.IMS_PER_BATCH stays the global batch;
-    # each process's batch (IMS_PER_BATCH / world size) must be divisible by it.
-    _C.SOLVER.GRAD_ACCUM_STEPS = 1
-    # Gradient clipping (detectron2's SOLVER.CLIP_GRADIENTS.*) restricted to iterations
-    # [start, end] (inclusive, 0-based). (-1, -1) = every iteration. The authors' release clips
-    # the whole model's L2 norm to 1.0 only in [warm-up − 100, warm-up + 100].
-    # CLIP_TYPE: "value" and "norm" keep detectron2's meaning ("norm" clips each parameter
-    # tensor separately); "full_model" clips one norm over all parameters (the release's).
-    _C.SOLVER.CLIP_GRADIENTS.ITER_RANGE = (-1, -1)
-    # Under DDP, all-reduce gradients in fp16 on ordinary iterations (torch's fp16 compression
-    # hook; with AGVM its comm hook does the same, and AGVM iterations stay in full precision).
-    _C.SOLVER.DDP_FP16_COMPRESSION = False
-    # Steps whose gradients hold a NaN/inf (with a finite loss) are skipped: no parameter,
-    # optimizer-state or μ change, counted in nonfinite/skipped_steps. Training stops with an
-    # error after this many consecutive skips (≥ 1). With AMP, the GradScaler skips them instead.
-    _C.SOLVER.MAX_CONSECUTIVE_NONFINITE = 5
-
+    """Add the solver keys agvm's trainer understands besides SOLVER.AGVM.* (the ``SOLVER.*``
+    entries of :data:`KEYS` outside SOLVER.AGVM) with their defaults; in place, idempotent
+    (a key already there keeps its value)."""
+    _add(cfg, (k for k in KEYS if not k.name.startswith("SOLVER.AGVM.")))
 
 
 def add_agvm_config(cfg: CN) -> None:
-    """Add agvm's keys to a detectron2 config (in place; idempotent): the solver keys of
-    :func:`add_solver_config` (optimizers, accumulation, clipping window, ...), the keys of
-    agvm's RetinaNet variant (MODEL.EFFECTIVE_BATCH.*, :mod:`agvm.detectron2.effective_batch`) and SOLVER.AGVM.*,
-    the method's own (defaults from :class:`agvm.GradientVarianceModulator`)."""
-    add_solver_config(cfg)
-    from .effective_batch import add_effective_batch_config
+    """Add every key of :data:`KEYS` (the solver keys of :func:`add_solver_config` and
+    SOLVER.AGVM.*) with its default; in place, idempotent. Adds no ``MODEL.*`` key."""
+    _add(cfg, KEYS)
 
-    add_effective_batch_config(cfg)  # MODEL.EFFECTIVE_BATCH.*: the effective-batch experiment's RetinaNet
-    if "AGVM" in cfg.SOLVER:
-        return
-    _C = cfg
-    # SOLVER.AGVM.* become the core's arguments in one place, agvm.detectron2.agvm_kwargs(cfg)
-    # (sentinels resolved there), and are validated by the core (messages name these keys).
-    _C.SOLVER.AGVM = CN()
-    # Modulate each module's learning rate by μ = sqrt(Φ_anchor / Φ_module) (the method).
-    _C.SOLVER.AGVM.ENABLED = False
-    # With ENABLED: estimate and log Φ every INTERVAL iterations but keep μ = 1 (the baseline
-    # curves of the paper's Figure 1; the step is then identical to plain training).
-    _C.SOLVER.AGVM.MEASURE_ONLY = _CORE["measure_only"]
-    # α: momentum on μ, in [0, 1). Paper default 0.97 (results flat over [0.95, 0.98]).
-    _C.SOLVER.AGVM.MOMENTUM = _CORE["momentum"]
-    # τ: iterations between two estimates of Φ (≥ 1). Paper: 10 (5 above ~1K batch).
-    _C.SOLVER.AGVM.INTERVAL = _CORE["interval"]
-    # First iteration (0-based) with an estimate; -1 = SOLVER.WARMUP_ITERS + 100 (the release).
-    _C.SOLVER.AGVM.START_ITER = -1
-    # Last iteration that may estimate; -1 = never stop. After it the plain LR returns (μ = 1),
-    # as in the authors' release (lr_update_stop_iter).
-    _C.SOLVER.AGVM.STOP_ITER = -1
-    # (lo, hi) bounds of the ratio Φ_anchor / Φ_module before the square root, 0 < lo ≤ hi;
-    # () disables clamping. The release's (0.5, 10.0) gives μ_new ∈ [0.707, 3.16].
-    _C.SOLVER.AGVM.CLAMP = tuple(_CORE["clamp"])
-    # Added to both variances of the ratio.
-    _C.SOLVER.AGVM.EPS = _CORE["eps"]
-    # The module the others are aligned to (its μ is 1). Paper: "backbone" (best in ablation).
-    _C.SOLVER.AGVM.ANCHOR = _CORE["anchor"]
-    # Extra (module name, regex) rules, tried before the defaults of agvm.detectron2.groups;
-    # e.g. [["box_predictor", "^roi_heads\\.box_predictor\\."]]. [] = automatic grouping.
-    _C.SOLVER.AGVM.GROUPS = []
-    # Cosine on Adam-preconditioned half-gradients: "auto" (for AdamW), "on" or "off".
-    _C.SOLVER.AGVM.PRECONDITION = "auto"
+
+def config_key(arg: str) -> Key:
+    """The :class:`Key` of the core argument ``arg`` (e.g. "momentum" → SOLVER.AGVM.MOMENTUM)."""
+    return _BY_ARG[arg]
+
+
+def value_of(cfg: CN, name: str) -> Any:
+    """The value of the dotted key ``name`` in ``cfg``."""
+    node = cfg
+    for part in name.split("."):
+        node = node[part]
+    return node
+
+
+def agvm_kwargs(cfg: CN) -> Dict[str, Any]:
+    """The core's keyword arguments (:class:`agvm.AGVM` and its modulator) from ``cfg``: one per
+    :data:`KEYS` entry with an ``arg``, special values resolved (START_ITER -1 → WARMUP_ITERS +
+    100, STOP_ITER -1 → None, CLAMP () → None, PRECONDITION on/off → True/False)."""
+    out = {}
+    for key in KEYS:
+        if key.arg:
+            value = value_of(cfg, key.name)
+            out[key.arg] = key.to_arg(value, cfg) if key.to_arg else value
+    return out
+
+
+def setting_error(cfg: CN, error) -> ValueError:
+    """The core's :class:`agvm.core.modulator.SettingError` about argument ``error.name``,
+    re-worded for the config: ``KEY=value`` (as written in ``cfg``), the rule, and what the
+    key's special value means."""
+    key = config_key(error.name)
+    special = f" (or {key.special})" if key.special else ""
+    return ValueError(f"{key.name}={value_of(cfg, key.name)!r} {error.rule}{special}")
+
+
+def check_choices(cfg: CN) -> None:
+    """Every key of :data:`KEYS` with ``choices`` holds one of them (SOLVER.AGVM.* only with AGVM
+    enabled). Raises ValueError naming the key, the value and the accepted values."""
+    for key in KEYS:
+        if key.choices and (cfg.SOLVER.AGVM.ENABLED or not key.name.startswith("SOLVER.AGVM.")):
+            value = value_of(cfg, key.name)
+            if value not in key.choices:
+                raise ValueError(f"{key.name}={value!r} is not one of {list(key.choices)}")
+
+
+def agvm_start_iter(cfg: CN) -> int:
+    """``SOLVER.AGVM.START_ITER`` resolved: -1 means ``SOLVER.WARMUP_ITERS + 100``."""
+    return agvm_kwargs(cfg)["start_iter"]
+
+
+def help_lines(prefix: str = "SOLVER.AGVM.") -> List[str]:
+    """``KEY default  meaning`` lines of the keys starting with ``prefix`` (for ``--help``)."""
+    return [f"  {k.name} {k.default!r}  {k.meaning}" + (f" ({k.special})" if k.special else "")
+            for k in KEYS if k.name.startswith(prefix)]
+
+
+def key_table() -> str:
+    """The Markdown table of every key (key, default, core argument, meaning): the body of
+    ``docs/config.md``, checked by a test."""
+    rows = ["| key | default | core argument | meaning |", "|---|---|---|---|"]
+    for k in KEYS:
+        meaning = k.meaning + (f" ({k.special})" if k.special else "")
+        if k.choices:
+            meaning += "; one of " + ", ".join(map(str, k.choices))
+        arg = f"`{k.arg}`" if k.arg else ""
+        rows.append(f"| `{k.name}` | `{k.default!r}` | {arg} | {meaning.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 #: ``--max-iter``: config key -> the field of :func:`agvm.solver.rescale_schedule`'s result.
@@ -150,12 +234,15 @@ def rescale_config(cfg: CN, max_iter: Optional[int]) -> list:
                            s.AGVM.INTERVAL, s.CLIP_GRADIENTS.ITER_RANGE, cfg.TEST.EVAL_PERIOD, s.CHECKPOINT_PERIOD)
     changes = []
     for key, field in _RESCALED.items():
-        node, name = cfg, key.split(".")
-        for part in name[:-1]:
-            node = node[part]
-        old = node[name[-1]]
+        *path, leaf = key.split(".")
+        node = value_of(cfg, ".".join(path))
+        old = node[leaf]
         value = type(old)(new[field]) if isinstance(old, (list, tuple)) else new[field]
         if old != value:
             changes.append(f"{key} {old} → {value}")
-        node[name[-1]] = value
+        node[leaf] = value
     return changes
+
+
+if __name__ == "__main__":  # python -m agvm.detectron2.config: the key table of docs/config.md
+    print(key_table())

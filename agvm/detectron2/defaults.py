@@ -1,37 +1,40 @@
-"""AGVMTrainer: detectron2's DefaultTrainer with the AGVM optimizer, its step
+"""AGVMTrainer: a detectron2 trainer assembled from its public parts, with the AGVM optimizer, its step
 (:mod:`agvm.detectron2.train_loop`), exact logging (:mod:`.writers`), exact and crash-safe
 resume (:mod:`.resume`, :mod:`.checkpoint`), and the config checks (:mod:`.checks`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import weakref
+from collections import OrderedDict
 
 import torch
-from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import (DatasetMapper, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import DefaultTrainer
-from detectron2.engine.defaults import default_writers
-from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
+from detectron2.modeling import build_model
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter, TensorboardXWriter
-from torch.nn.parallel import DistributedDataParallel
+from detectron2.utils.events import CommonMetricPrinter
+from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules
 
 from ..core.optim import AGVM
-from ..distributed import AGVMHookState, agvm_comm_hook
+from ..distributed import install_agvm_hook
 from ..solver import build_lr_scheduler
-from .build import build_agvm_optimizer
+from .build import build_agvm_optimizer, build_clip_fn
 from .checkpoint import SafeCheckpointer
 from .checks import validate_config
 from .cli import build_evaluator
 from .loader import ResumableTrainLoader
-from .resume import RankRNG, _share_iterator
+from .resume import RankRNG
 from .train_loop import AGVMStepTrainer
 from .writers import ExactJSONWriter, ExactTensorboardWriter, truncate_metrics
 
-__all__ = ["AGVMTrainer", "Trainer", "install_agvm_hook"]
+__all__ = ["AGVMTrainer", "Trainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +51,16 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder, cls.metrics)
 
 
-class AGVMTrainer(Trainer):
-    """The trainer of every project: AGVM optimizer (``build_agvm_optimizer``), the AGVM step
-    (:class:`AGVMStepTrainer`), exact Φ/μ/lr logging, and exact resume. With
-    ``SOLVER.AGVM.ENABLED`` False it trains like detectron2's DefaultTrainer, plus
-    ``SOLVER.OPTIMIZER``, ``GRAD_ACCUM_STEPS`` and the clipping window.
+class AGVMTrainer(TrainerBase):
+    """The trainer of every project, assembled from detectron2's public parts (the shape of its
+    ``tools/lazyconfig_train_net.py``): the model, the optimizer of :func:`build_agvm_optimizer`
+    (AGVM-wrapped when ``SOLVER.AGVM.ENABLED``), the train loader, DDP with AGVM's comm hook, the
+    step (:class:`AGVMStepTrainer`), the LR scheduler, a crash-safe checkpointer and the hooks of
+    :meth:`build_hooks`. With ``SOLVER.AGVM.ENABLED`` False it trains like detectron2's
+    ``DefaultTrainer``, plus ``SOLVER.OPTIMIZER``, ``GRAD_ACCUM_STEPS`` and the clipping window.
+    The same overridable builders as ``DefaultTrainer`` (``build_model``, ``build_optimizer``,
+    ``build_lr_scheduler``, ``build_train_loader``, ``build_test_loader``, ``build_evaluator``,
+    ``test``); ``metrics`` chooses the evaluators (:func:`agvm.detectron2.build_evaluator`).
 
     Exact resume (``--resume`` from a checkpoint of the same world size and config, with
     detectron2's ``TrainingSampler``): every iteration after the checkpoint reads the same
@@ -65,57 +73,118 @@ class AGVMTrainer(Trainer):
     the checkpoint hook of the same iteration (e.g. an evaluation on that iteration).
     """
 
+    #: What to evaluate (keys of ``agvm.detectron2.cli.METRICS``: "box AP", "mask AP", "mIoU",
+    #: "PQ"); None (default) = chosen by the test dataset's ``evaluator_type``.
+    metrics = None
+
     def __init__(self, cfg):
+        super().__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # as DefaultTrainer
+            setup_logger()
         validate_config(cfg)
-        with _cpu_capable_ddp():
-            super().__init__(cfg)
-        stock = self._trainer
-        clip = None
-        if cfg.SOLVER.CLIP_GRADIENTS.ENABLED:
-            clip = (_clip_fn(cfg), tuple(cfg.SOLVER.CLIP_GRADIENTS.ITER_RANGE))
-        step = AGVMStepTrainer(
-            stock.model, [], stock.optimizer,
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.cfg = cfg
+        model = self.build_model(cfg)
+        self.optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        self.model, hook_state = self.build_ddp_model(cfg, model, self.optimizer)
+        clip = (build_clip_fn(cfg), tuple(cfg.SOLVER.CLIP_GRADIENTS.ITER_RANGE)) if cfg.SOLVER.CLIP_GRADIENTS.ENABLED else None
+        self.stepper = AGVMStepTrainer(
+            self.model, data_loader, self.optimizer,
             accum_steps=cfg.SOLVER.GRAD_ACCUM_STEPS, clip=clip, amp=cfg.SOLVER.AMP.ENABLED,
-            grad_scaler=getattr(stock, "grad_scaler", None),
             sam_rho=cfg.SOLVER.SAM.RHO if cfg.SOLVER.OPTIMIZER == "SAM" else None,
             max_nonfinite=cfg.SOLVER.MAX_CONSECUTIVE_NONFINITE,
         )
-        step.data_loader = stock.data_loader
-        _share_iterator(step, stock)
-        self._trainer = step
-        if isinstance(step.model, DistributedDataParallel):
-            fp16 = cfg.SOLVER.DDP_FP16_COMPRESSION
-            if isinstance(step.optimizer, AGVM):
-                step.hook_state = install_agvm_hook(step.model, step.optimizer, compress_fp16=fp16)
-            elif fp16:
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        self.stepper.hook_state = hook_state
+        self.scheduler = self.build_lr_scheduler(cfg, self.optimizer)
+        # crash-safe checkpoints (atomic, finite-only, fallback on resume), each rank's RNG
+        # beside them, the metrics written before each checkpoint is declared
+        self.checkpointer = SafeCheckpointer(self.model, cfg.OUTPUT_DIR, per_rank=RankRNG(),
+                                             before_save=self.flush_metrics, trainer=weakref.proxy(self))
+        self.writers = []
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.register_hooks(self.build_hooks())
 
-                step.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    @staticmethod
+    def build_ddp_model(cfg, model, optimizer):
+        """``(model, hook_state)``: under several processes, ``model`` in DDP (detectron2's
+        ``create_ddp_model``; ``device_ids`` only for CUDA models) with AGVM's comm hook when
+        ``optimizer`` is :class:`agvm.AGVM` (its state returned), or fp16 compression with
+        ``SOLVER.DDP_FP16_COMPRESSION``; one process: ``(model, None)``."""
+        if comm.get_world_size() == 1:
+            return model, None
+        cuda = next(model.parameters()).device.type == "cuda"
+        agvm = isinstance(optimizer, AGVM)
+        fp16 = cfg.SOLVER.DDP_FP16_COMPRESSION
+        ddp = create_ddp_model(model, broadcast_buffers=False, fp16_compression=fp16 and not agvm,
+                               device_ids=[comm.get_local_rank()] if cuda else None)
+        return ddp, install_agvm_hook(ddp, optimizer, compress_fp16=fp16) if agvm else None
 
     def build_hooks(self):
-        # crash-safe checkpoints (atomic, finite-only, fallback on resume), metrics on disk first
-        old = self.checkpointer
-        self.checkpointer = SafeCheckpointer(old.model, self.cfg.OUTPUT_DIR, save_to_disk=old.save_to_disk,
-                                             **old.checkpointables)
-        hooks_ = super().build_hooks()
-        if not comm.is_main_process():
-            # detectron2 checkpoints on rank 0 only; the other ranks save their own RNG files
-            # (SafeCheckpointer.save without save_to_disk) at the same iterations, at the same
-            # place among the hooks (before the evaluation)
-            at = next((i for i, h in enumerate(hooks_) if isinstance(h, EvalHook)), len(hooks_))
-            hooks_.insert(at, PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
-        self._periodic_writers = [h for h in hooks_ if isinstance(h, PeriodicWriter)]
-        self.checkpointer.before_save = self._flush_metrics
-        self.checkpointer.per_rank = RankRNG()
-        return hooks_
+        """detectron2's default hooks, in its order: iteration timer, LR scheduler, precise BN
+        (``TEST.PRECISE_BN``), periodic checkpoints (every rank: rank 0 writes the checkpoint,
+        each rank its RNG file), evaluation every ``TEST.EVAL_PERIOD``, and on rank 0 the writers
+        of :meth:`build_writers` every 20 iterations."""
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler)]
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            loader_cfg = cfg.clone()
+            loader_cfg.defrost()
+            loader_cfg.DATALOADER.NUM_WORKERS = 0
+            ret.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(loader_cfg),
+                                       cfg.TEST.PRECISE_BN.NUM_ITER))
+        ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
-    def _flush_metrics(self):
-        """Write every metric up to now (JSON and tensorboard), before a checkpoint is declared."""
-        for w in (w for h in self._periodic_writers for w in h._writers):
-            if isinstance(w, (JSONWriter, TensorboardXWriter)):
-                w.write()
-            if isinstance(w, TensorboardXWriter):
-                w._writer.flush()
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        if comm.is_main_process():
+            self.writers = self.build_writers()
+            ret.append(hooks.PeriodicWriter(self.writers, period=20))
+        return ret
+
+    def build_writers(self):
+        """detectron2's default writers, with metrics.json and tensorboard keeping every AGVM
+        update (:class:`.writers.ExactJSONWriter`, :class:`.writers.ExactTensorboardWriter`)."""
+        os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+        return [CommonMetricPrinter(self.max_iter), ExactJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+                ExactTensorboardWriter(self.cfg.OUTPUT_DIR)]
+
+    def flush_metrics(self):
+        """Write every metric up to now (metrics.json and tensorboard, on disk), before a
+        checkpoint is declared."""
+        for w in self.writers:
+            if isinstance(w, (ExactJSONWriter, ExactTensorboardWriter)):
+                w.write()  # metrics.json: flushed and fsync'ed by its write
+            if isinstance(w, ExactTensorboardWriter):
+                w.flush()
+
+    @property
+    def data_loader(self):
+        """The train loader (the step's)."""
+        return self.stepper.data_loader
+
+    def run_step(self):
+        self.stepper.iter = self.iter
+        self.stepper.run_step()
+
+    def train(self):
+        """Train from ``start_iter`` to ``max_iter``; returns the last evaluation's results
+        (checked against ``TEST.EXPECTED_RESULTS`` when given, as detectron2 does)."""
+        super().train(self.start_iter, self.max_iter)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        logger.info(f"Model:\n{model}")
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -124,6 +193,29 @@ class AGVMTrainer(Trainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder, cls.metrics)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on every ``DATASETS.TEST`` set (evaluators: one per set, default
+        :meth:`build_evaluator`'s); returns ``{dataset: results}``, or the results alone for one set."""
+        if evaluators is not None and not isinstance(evaluators, (list, tuple)):
+            evaluators = [evaluators]
+        results = OrderedDict()
+        for i, name in enumerate(cfg.DATASETS.TEST):
+            evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
+            results[name] = inference_on_dataset(model, cls.build_test_loader(cfg, name), evaluator)
+            if comm.is_main_process():
+                logger.info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        return next(iter(results.values())) if len(results) == 1 else results
 
     @classmethod
     def build_train_mapper(cls, cfg):
@@ -140,7 +232,7 @@ class AGVMTrainer(Trainer):
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             logger.warning(f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r}: detectron2's train loader; a "
                            "resumed run starts that sampler's stream anew (not an exact resume)")
-            return super().build_train_loader(cfg)
+            return build_detection_train_loader(cfg)
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -156,37 +248,23 @@ class AGVMTrainer(Trainer):
             aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
-    def build_writers(self):
-        writers = []
-        for w in default_writers(self.cfg.OUTPUT_DIR, self.max_iter):
-            if type(w) is JSONWriter:
-                path = w._file_handle.name
-                w.close()
-                w = ExactJSONWriter(path)
-            elif type(w) is TensorboardXWriter:
-                log_dir = w._writer.log_dir
-                w.close()
-                w = ExactTensorboardWriter(log_dir)
-            writers.append(w)
-        return writers
-
     def state_dict(self):
-        # detectron2 0.6's DefaultTrainer does not save its inner trainer (optimizer, μ, grad
-        # scaler); main does. Save it either way.
+        # the step's state (optimizer, μ, grad scaler, counters) under the key detectron2's
+        # DefaultTrainer uses, and the loader's seed (a new one is drawn when SEED < 0)
         ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
-        loader = self._trainer.data_loader
+        ret["_trainer"] = self.stepper.state_dict()
+        loader = self.stepper.data_loader
         if isinstance(loader, ResumableTrainLoader):
-            ret["data_loader"] = loader.state_dict()  # the seed: a new one is drawn when SEED < 0
+            ret["data_loader"] = loader.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            self.stepper.load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("the checkpoint has no optimizer/AGVM state (written by a stock detectron2 0.6 trainer?)")
-        loader = self._trainer.data_loader
+        loader = self.stepper.data_loader
         if isinstance(loader, ResumableTrainLoader):
             if "data_loader" in state_dict:
                 loader.load_state_dict(state_dict["data_loader"])
@@ -195,24 +273,25 @@ class AGVMTrainer(Trainer):
                                "resume is the uninterrupted run's only if the sampler seed is the same (SEED ≥ 0)")
 
     def resume_or_load(self, resume=True):
-        super().resume_or_load(resume=resume)
+        """With ``resume`` and a checkpoint in OUTPUT_DIR, continue it (every state, the next
+        iteration, the data stream at its batch, metrics past it dropped); otherwise load
+        ``MODEL.WEIGHTS`` and start at iteration 0."""
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
         if 0 < self.start_iter < self.max_iter and comm.is_main_process():  # a finished run re-runs nothing: rows kept
             # rows past the checkpoint were logged by the killed run: the resumed run logs them again
             dropped = truncate_metrics(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
             if dropped:
                 logger.info(f"metrics.json: dropped {dropped} rows past the checkpoint (iteration ≥ {self.start_iter})")
-            for hook in self._periodic_writers:  # tensorboard: discard the events past the checkpoint
-                for i, w in enumerate(hook._writers):
-                    if isinstance(w, TensorboardXWriter):
-                        log_dir = w._writer.log_dir
-                        w.close()
-                        hook._writers[i] = ExactTensorboardWriter(log_dir, purge_step=self.start_iter)
-        loader = self._trainer.data_loader
+            for w in self.writers:
+                if isinstance(w, ExactTensorboardWriter):
+                    w.purge_from(self.start_iter)
+        loader = self.stepper.data_loader
         if isinstance(loader, ResumableTrainLoader):
-            # the next batch is the uninterrupted run's batch start_iter (nothing mapped before it);
-            # the iterator is lazy and draws nothing from the global RNG
+            # the next batch is the uninterrupted run's batch start_iter; the step's iterator is
+            # lazy (it reads start_batch at its first batch) and draws nothing from the global RNG
             loader.start_batch = self.start_iter
-            _share_iterator(self._trainer, None)
             if self.start_iter == 0:
                 # stock's loader draws its DataLoader's base seed from the global torch RNG on a
                 # run's first next(), before any forward; this one draws nothing: the same one
@@ -222,24 +301,6 @@ class AGVMTrainer(Trainer):
             logger.warning(f"resuming with DATALOADER.SAMPLER_TRAIN={self.cfg.DATALOADER.SAMPLER_TRAIN!r}: detectron2's loader "
                            "starts its stream anew (as stock detectron2 does); the data order differs from an "
                            "uninterrupted run")
-
-
-def install_agvm_hook(ddp: DistributedDataParallel, agvm: AGVM, compress_fp16: bool = False) -> AGVMHookState:
-    """Register :func:`agvm.distributed.agvm_comm_hook` on ``ddp`` for ``agvm``'s modules
-    (``compress_fp16``: fp16 all-reduce on ordinary iterations; default False). With
-    ``agvm.precondition`` the hook measures Φ on Adam-preconditioned half means, as the
-    authors' release does for AdamW."""
-    module_of = {p: m for m, ps in agvm.params_by_module().items() for p in ps}
-    state = AGVMHookState(
-        module_of, agvm.modulator.modules, compress_fp16=compress_fp16,
-        precondition=agvm.preconditioner() if agvm.precondition else None,
-    )
-    ddp.register_comm_hook(state, agvm_comm_hook)
-    logger.info(
-        f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks"
-        + ("; Φ on Adam-preconditioned gradients" if agvm.precondition else "")
-    )
-    return state
 
 
 def _stock_training_sampler(cfg, dataset: list, mapper) -> TrainingSampler:
@@ -253,45 +314,3 @@ def _stock_training_sampler(cfg, dataset: list, mapper) -> TrainingSampler:
     sampler = _train_loader_from_config(cfg, mapper, dataset=dataset)["sampler"]
     assert isinstance(sampler, TrainingSampler), type(sampler)
     return sampler
-
-
-@contextlib.contextmanager
-def _cpu_capable_ddp():
-    """detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]``, which DDP rejects
-    for CPU modules: inside this block CPU models get ``device_ids=None``."""
-    import detectron2.engine.defaults as defaults
-
-    original = defaults.create_ddp_model
-
-    def create_ddp_model(model, **kwargs):
-        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
-            kwargs["device_ids"] = None
-        return original(model, **kwargs)
-
-    defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        defaults.create_ddp_model = original
-
-
-def _clip_fn(cfg):
-    """The clipping of ``SOLVER.CLIP_GRADIENTS``: detectron2's ``"value"`` (each element to
-    ±CLIP_VALUE) and ``"norm"`` (each parameter tensor separately to L-NORM_TYPE norm ≤
-    CLIP_VALUE), plus ``"full_model"`` (one norm over all parameters together, the authors'
-    release and Mask2Former's name for it)."""
-    c = cfg.SOLVER.CLIP_GRADIENTS
-    if c.CLIP_TYPE == "value":
-        return lambda params: torch.nn.utils.clip_grad_value_(params, c.CLIP_VALUE)
-    if c.CLIP_TYPE == "norm":
-        def per_parameter(params):
-            for p in params:
-                if p.grad is not None:
-                    torch.nn.utils.clip_grad_norm_(p, c.CLIP_VALUE, c.NORM_TYPE)
-        return per_parameter
-    if c.CLIP_TYPE == "full_model":
-        return lambda params: torch.nn.utils.clip_grad_norm_(params, c.CLIP_VALUE, c.NORM_TYPE)
-    raise ValueError(
-        f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE={c.CLIP_TYPE!r} must be 'value', 'norm' (per parameter, detectron2's "
-        "meaning) or 'full_model' (one norm over the whole model)"
-    )

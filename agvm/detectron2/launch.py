@@ -1,8 +1,8 @@
-"""``launch``: detectron2's launcher, working everywhere.
+"""``launch``: detectron2's launcher, working everywhere; it knows nothing of configs.
 
 detectron2 0.6's ``launch`` asserts CUDA and hard-codes NCCL for several processes. This one
-starts ``num_gpus_per_machine`` processes per machine on GPUs (NCCL) or, when the run's
-``MODEL.DEVICE`` is ``cpu`` (or there is no GPU), CPU processes (gloo). Multi-machine jobs use
+starts ``num_gpus_per_machine`` processes per machine on GPUs (NCCL) or, with ``device="cpu"``
+(or "auto" and no GPU), CPU processes (gloo). Multi-machine jobs use
 ``--num-machines/--machine-rank/--dist-url`` as in detectron2. Processes started by
 ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE``) or by SLURM's ``srun``
 (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_NTASKS_PER_NODE``) join directly,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from datetime import timedelta
 from typing import Callable, Optional
 
@@ -23,32 +22,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "run_device"]
+from ..runner import free_port as _free_port
+
+__all__ = ["DEFAULT_TIMEOUT", "launch"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(seconds=float(os.environ.get("AGVM_DIST_TIMEOUT_S", 1800)))
-
-
-def run_device(args) -> str:
-    """``"cuda"`` or ``"cpu"``: the device the run's config asks for (config file, then the
-    ``KEY VALUE`` overrides), whether or not a GPU is present (:func:`launch` decides)."""
-    from detectron2.config import get_cfg
-
-    from .config import add_agvm_config
-
-    cfg = get_cfg()
-    add_agvm_config(cfg)
-    if getattr(args, "config_file", ""):
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
-    return "cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _first_host(nodelist: str) -> str:
@@ -99,7 +79,7 @@ def launch(
     dist_url: Optional[str] = None,
     args=(),
     timeout: timedelta = DEFAULT_TIMEOUT,
-    device: Optional[str] = None,
+    device: str = "auto",
 ):
     """Run ``main_func(*args)`` in every process of the job (see the module docstring).
 
@@ -109,24 +89,23 @@ def launch(
         num_machines, machine_rank, dist_url: as in detectron2 (``dist_url`` "auto" or None
             picks a free local port on one machine; processes of torchrun/SLURM join through
             the launcher's environment, see :func:`_cluster_env`, unless a URL is given).
-        args: arguments of ``main_func``; ``args[0]`` is the parsed command line when
-            ``device`` is None (its ``MODEL.DEVICE`` decides the backend).
+        args: arguments of ``main_func``.
         timeout: collective timeout.
-        device: "cuda" or "cpu"; default from the run's config (:func:`run_device`). A CUDA
-            run of several processes where no GPU is visible fails before anything starts.
+        device: "cuda" (NCCL; several processes need as many visible GPUs per machine), "cpu"
+            (gloo) or "auto" (default: "cuda" when a GPU is visible, else "cpu"). One process
+            with "cuda" and no GPU runs anyway (the caller decides what to do about it).
     """
-    requested = device
-    if device is None:
-        requested = run_device(args[0]) if args else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu", "auto"):
+        raise ValueError(f"device={device!r} must be 'cuda', 'cpu' or 'auto'")
     world = num_machines * num_gpus_per_machine
     cluster = _cluster_env()
-    if requested == "cuda" and not torch.cuda.is_available() and (world > 1 or (cluster and cluster[1] > 1)):
+    if device == "cuda" and not torch.cuda.is_available() and (world > 1 or (cluster and cluster[1] > 1)):
         raise ValueError(
-            f"the config asks for CUDA (MODEL.DEVICE) and {max(world, cluster[1] if cluster else 0)} processes, but no "
+            f"CUDA processes were asked for ({max(world, cluster[1] if cluster else 0)}; MODEL.DEVICE cuda), but no "
             "GPU is visible; to train on CPU processes on purpose, add MODEL.DEVICE cpu (gloo), e.g. "
             "`train_net.py --config-file <cfg> --num-gpus 2 MODEL.DEVICE cpu`"
         )
-    device = "cuda" if requested == "cuda" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     backend = "nccl" if device == "cuda" else "gloo"
     if cluster is not None:
         rank, cworld, local_rank, local_world, cluster_url = cluster
@@ -165,12 +144,5 @@ def _init(backend, url, world, rank, local_rank, local_world, timeout):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method=url, world_size=world, rank=rank, timeout=timeout)
-    if hasattr(comm, "create_local_process_group"):  # detectron2 main
-        comm.create_local_process_group(local_world)
-    else:  # detectron2 0.6: every rank creates every machine's group
-        for machine in range(world // local_world):
-            ranks = list(range(machine * local_world, (machine + 1) * local_world))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                comm._LOCAL_PROCESS_GROUP = group
+    comm.create_local_process_group(local_world)  # on detectron2 0.6 from agvm.compat
     comm.synchronize()

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import SimpleTrainer  # noqa: F401  (the type set_data_iterator takes)
 from detectron2.utils import comm
 
 __all__ = ["RankRNG", "set_data_iterator"]
@@ -82,17 +82,6 @@ class RankRNG:
 def _warn(message: str) -> None:
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _share_iterator(step: SimpleTrainer, stock: Optional[SimpleTrainer]) -> None:
-    """Give ``step`` ``stock``'s data iterator (or a fresh one), on detectron2 0.6 (attribute)
-    and on main (lazy ``_data_loader_iter_obj``)."""
-    if hasattr(type(step), "_data_loader_iter") and isinstance(type(step)._data_loader_iter, property):
-        step._data_loader_iter_obj = getattr(stock, "_data_loader_iter_obj", None) if stock else None
-    elif stock is not None:
-        step._data_loader_iter = stock._data_loader_iter
-    else:
-        step._data_loader_iter = iter(step.data_loader)
 
 
 def set_data_iterator(step: SimpleTrainer, iterator) -> None:

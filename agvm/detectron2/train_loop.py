@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -36,55 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core.optim import AGVM, MODULE_KEY
 from ..core.sandbox import preserved_rng, preserved_state
+from ..core.split import estimate_line, split_batch
 from .resume import _rng_state, _set_rng_state
+from .sam import sam_step
 
 __all__ = ["AGVMStepTrainer", "estimate_line", "split_batch"]
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------ batch split
-def split_batch(data: Sequence, accum_steps: int, halves: bool) -> List[Tuple[int, list]]:
-    """The micro-batches of one iteration as ``(half, items)`` pairs.
-
-    Without ``halves``: ``accum_steps`` equal chunks, all in half 0. With ``halves``: an even
-    ``accum_steps`` alternates its chunks between half 0 and half 1; an odd one (1 included)
-    cuts every chunk into two, the first part to half 0 and the second to half 1. All half-0
-    pairs come first.
-
-    Raises ValueError when ``len(data)`` is not divisible by ``accum_steps`` (and, with
-    halves, by ``2 * accum_steps`` for odd ``accum_steps``).
-    """
-    n = len(data)
-    if n % accum_steps:
-        raise ValueError(
-            f"the per-process batch ({n} images) is not divisible by SOLVER.GRAD_ACCUM_STEPS={accum_steps}"
-        )
-    size = n // accum_steps
-    chunks = [list(data[i * size:(i + 1) * size]) for i in range(accum_steps)]
-    if not halves:
-        return [(0, c) for c in chunks]
-    if accum_steps % 2 == 0:
-        pairs = [(i % 2, c) for i, c in enumerate(chunks)]
-    else:
-        if size < 2 or size % 2:
-            raise ValueError(
-                f"AGVM splits each micro-batch of {size} images into two halves: the per-process batch "
-                f"({n} images) / SOLVER.GRAD_ACCUM_STEPS ({accum_steps}) must be even and ≥ 2"
-            )
-        half = size // 2
-        pairs = [(0, c[:half]) for c in chunks] + [(1, c[half:]) for c in chunks]
-    return sorted(pairs, key=lambda hc: hc[0])
-
-
-def estimate_line(iteration: int, phi: Dict[str, float], mu: Dict[str, float], anchor: str,
-                  measure_only: bool = False) -> str:
-    """One compact console/log.txt line per AGVM estimate: Φ of every module (``nan`` where a
-    half had no finite gradient) and μ of every module but the anchor (always 1), e.g.
-    ``AGVM iter 40: Φ backbone 0.412 neck 0.233 | μ neck 1.021``."""
-    phis = " ".join(f"{m} {phi.get(m, float('nan')):.4g}" for m in mu)
-    mus = "μ = 1 (MEASURE_ONLY)" if measure_only else "μ " + " ".join(f"{m} {v:.4f}" for m, v in mu.items() if m != anchor)
-    return f"AGVM iter {iteration}: Φ {phis} | {mus}"
 
 
 # ------------------------------------------------------------------------------ the step
@@ -303,56 +261,7 @@ class AGVMStepTrainer(SimpleTrainer):
         return out
 
     def _sam_step(self, data, data_time, iteration):
-        """SAM over ``accum_steps`` micro-batches: the ascent gradient accumulated over all of
-        them (not synchronised under DDP), the step's gradient at the shifted point accumulated
-        over the same micro-batches (BN statistics frozen; synchronised on the last one); the
-        weights copied back from before the ascent; each gradient checked for non-finite
-        values (either one non-finite skips the step, counted once)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        k = self.accum_steps
-        chunks = [items for _, items in split_batch(data, k, halves=False)]
-        self.optimizer.zero_grad()
-        no_sync = getattr(self.model, "no_sync", None)
-        totals: Dict[str, float] = {}
-        with no_sync() if no_sync is not None else contextlib.nullcontext():
-            for items in chunks:
-                loss_dict = self._forward(items)
-                (sum(loss_dict.values()) / k).backward()
-                for name, v in loss_dict.items():
-                    totals[name] = totals.get(name, 0.0) + v.detach() / k
-        self._write_metrics(totals, data_time)
-        # a non-finite ascent gradient gives no direction to ascend: skip the step (counted);
-        # each rank's ascent gradient is its own, so the verdict is all-reduced under DDP
-        if not self._gradients_finite(iteration, what="SAM ascent gradient", across_ranks=True, final=False):
-            self.optimizer.zero_grad()
-            return
-        with torch.no_grad():
-            shifted = [p for p in params if p.grad is not None]
-            # put back by copy: w + e − e is not w in floating point, and under DDP a rank-local
-            # residue would never be re-synchronised
-            saved = [p.detach().clone() for p in shifted]
-            # in float64: the squares of large finite float32 gradients would overflow
-            norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in shifted]
-            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-            scale = self.sam_rho / (norm + 1e-12)
-            for p in shifted:
-                p.add_(p.grad * scale)
-        self.optimizer.zero_grad()
-        try:
-            with _frozen_bn_stats(self.model):
-                for index, items in enumerate(chunks):
-                    last = index == k - 1
-                    with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
-                        (sum(self._forward(items).values()) / k).backward()
-        finally:
-            with torch.no_grad():
-                for p, w in zip(shifted, saved):
-                    p.copy_(w)
-        if not self._gradients_finite(iteration):
-            self.optimizer.zero_grad()
-            return
-        self._clip(iteration)
-        self.optimizer.step()
+        sam_step(self, data, data_time, iteration)
 
     def _log_agvm(self, out):
         """Put Φ, μ and the modulated lr of every module (and the skip count) into the storage."""
@@ -402,22 +311,6 @@ class AGVMStepTrainer(SimpleTrainer):
         self.nonfinite_run = int(state_dict.get("nonfinite_run", 0))
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
-
-
-@contextlib.contextmanager
-def _frozen_bn_stats(model):
-    """Batch-norm layers keep their running statistics (momentum 0) inside the block."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(bns, saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
 
 
 def _unwrap(model):

@@ -88,7 +88,24 @@ def truncate_metrics(path: str, start_iter: int) -> int:
 
 
 class ExactTensorboardWriter(TensorboardXWriter):
-    """detectron2's TensorboardXWriter, plus every ``agvm/*`` value put between two writes."""
+    """detectron2's TensorboardXWriter, plus every ``agvm/*`` value put between two writes;
+    :meth:`flush` puts the events on disk, :meth:`purge_from` drops those of a killed run."""
+
+    def __init__(self, log_dir: str, window_size: int = 20, **kwargs):
+        super().__init__(log_dir, window_size, **kwargs)
+        self.log_dir = log_dir
+
+    def flush(self):
+        """Write the pending events to the event file."""
+        self._writer.flush()
+
+    def purge_from(self, step: int):
+        """Reopen the event file so that tensorboard discards the events at ``step`` and later
+        (a resumed run logs them again)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        self._writer = SummaryWriter(self.log_dir, purge_step=step)
 
     def write(self):
         backlog = _unsmoothed_backlog(get_event_storage(), self._last_write)

@@ -1,5 +1,5 @@
 """Distributed AGVM: the DDP communication hook that supplies the two half-batch gradients."""
 
-from .hook import AGVMHookState, agvm_comm_hook, half_sizes
+from .hook import AGVMHookState, agvm_comm_hook, half_sizes, install_agvm_hook
 
-__all__ = ["AGVMHookState", "agvm_comm_hook", "half_sizes"]
+__all__ = ["AGVMHookState", "agvm_comm_hook", "half_sizes", "install_agvm_hook"]

@@ -109,6 +109,7 @@ Pure torch. (No ``from __future__ import annotations`` here: DDP checks the hook
 annotations against ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``.)
 """
 
+import logging
 import threading
 from collections import OrderedDict
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -118,7 +119,9 @@ import torch.distributed as dist
 
 from ..core.variance import GradientStats
 
-__all__ = ["AGVMHookState", "agvm_comm_hook", "half_sizes"]
+__all__ = ["AGVMHookState", "agvm_comm_hook", "half_sizes", "install_agvm_hook"]
+
+logger = logging.getLogger(__name__)
 
 
 _CHUNK = 4096  # elements per float32 partial norm (rows of a block)
@@ -553,3 +556,22 @@ def agvm_comm_hook(state: AGVMHookState, bucket: dist.GradBucket) -> torch.futur
         return full
 
     return world_fut.then(done)
+
+
+def install_agvm_hook(ddp, agvm, compress_fp16: bool = False) -> "AGVMHookState":
+    """Register :func:`agvm_comm_hook` on the ``DistributedDataParallel`` model ``ddp`` for the
+    modules of ``agvm`` (an :class:`agvm.AGVM`); returns the hook's state
+    (``compress_fp16``: fp16 all-reduce on ordinary iterations; default False). With
+    ``agvm.precondition`` the hook measures Φ on Adam-preconditioned half means, as the
+    authors' release does for AdamW."""
+    module_of = {p: m for m, ps in agvm.params_by_module().items() for p in ps}
+    state = AGVMHookState(
+        module_of, agvm.modulator.modules, compress_fp16=compress_fp16,
+        precondition=agvm.preconditioner() if agvm.precondition else None,
+    )
+    ddp.register_comm_hook(state, agvm_comm_hook)
+    logger.info(
+        f"AGVM comm hook installed: halves of {state.n_a} and {state.n_b} ranks"
+        + ("; Φ on Adam-preconditioned gradients" if agvm.precondition else "")
+    )
+    return state

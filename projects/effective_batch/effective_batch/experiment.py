@@ -1,48 +1,97 @@
-#!/usr/bin/env python
-"""The paper's effective-batch experiment at mini scale: Φ of the dense head vs the backbone.
+"""The effective-batch experiment (``projects/effective_batch``): its plan and its report (pure Python).
 
-    python scripts/effective_batch.py                      # run the 4 variants (2 at a time), write the report
-    python scripts/effective_batch.py --jobs 1 shared masked
-    python scripts/effective_batch.py --dry-run            # print the training commands
-    python scripts/effective_batch.py --max-iter 20        # shorter runs (their own fingerprint: not reused for full ones)
-    python scripts/effective_batch.py --report-only        # report from existing runs
-    python scripts/effective_batch.py train --config-file projects/retinanet/configs/effective_batch/shared.yaml \\
-        OUTPUT_DIR output/effective_batch/shared            # train one config (what the runs execute)
-
-Variants (``projects/retinanet/configs/effective_batch/<variant>.yaml``, all
-``EffectiveBatchRetinaNet`` in MEASURE_ONLY, see :mod:`agvm.detectron2.effective_batch`):
+The paper's controlled experiment behind its effective-batch explanation, at mini scale: Φ of
+RetinaNet's dense head against its backbone for four variants (``VARIANTS``, one config each in
+``projects/effective_batch/configs/``), all ``EffectiveBatchRetinaNet`` in MEASURE_ONLY:
 ``shared`` (the stock head, reference), ``unshared`` (one head per FPN level), ``no_fpn``
-(ResNet only, head on res4), ``masked`` (75 % of anchor locations' losses masked). Each runs into
-``<output-root>/<variant>`` (default ``output/effective_batch``) with ``stdout.log`` and
-``agvm_run.json``; a finished run (exit 0, same config fingerprint) is reused unless
-``--rerun``; before a run starts, what an earlier one left in its folder is removed. Then
-``<results>/README.md`` (default ``results/effective_batch``) gets a table per variant,
-computed from each run's ``metrics.json`` only: mean Φ of backbone, neck, dense_head,
-Φ_head/Φ_backbone over the run and over its last half, the per-estimate ratio (mean ± s.e.),
-the number of estimates, the wall time, the command; and ``<results>/phi.png`` the curves. ``-- KEY VALUE ...`` at the end overrides
-every variant's config. Relative paths are taken from the repository root.
+(ResNet only, head on res4), ``masked`` (75 % of anchor locations' losses masked). :func:`plan`
+gives the runs (``projects/effective_batch/train_net.py``, for :func:`agvm.runner.execute`),
+:func:`check_runs` checks their configs before anything starts, :func:`write_report` writes
+``README.md`` and ``phi.png`` from the runs' ``metrics.json``. Used by the project's
+``run_experiment.py`` (which ``scripts/reproduce_mini.py`` runs as its experiment 3).
+
+The module itself is pure Python (the runner and the results readers of :mod:`agvm`); importing
+it through the package ``effective_batch`` also imports the project's model (detectron2).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import os
-import shlex
+import subprocess
 import sys
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from agvm.results import curves, read_metrics, read_run
+from agvm.runner import REPO_ROOT as ROOT
+from agvm.runner import Result, Run
 
-from agvm.results import curves, read_metrics, read_run  # noqa: E402
-from agvm.runner import config_fingerprint, parse_with_overrides, run_all, run_logged, stale_reason  # noqa: E402
+__all__ = ["VARIANTS", "check_runs", "plan", "progress", "summarize", "write_report"]
 
 VARIANTS = ("shared", "unshared", "no_fpn", "masked")
-CONFIG_DIR = "projects/retinanet/configs/effective_batch"
+PROJECT = "projects/effective_batch"
+CONFIG_DIR = f"{PROJECT}/configs"
+TRAIN_NET = f"{PROJECT}/train_net.py"
 #: module names of the anchor (backbone) and the dense head in agvm's grouping
 BACKBONE, HEAD, NECK = "backbone", "dense_head", "neck"
+
+
+def config_path(variant: str) -> str:
+    return f"{CONFIG_DIR}/{variant}.yaml"
+
+
+def plan(output_root: str, python: str = sys.executable, max_iter: Optional[int] = None, opts: Sequence[str] = (),
+         variants: Sequence[str] = VARIANTS) -> List[Run]:
+    """One run per variant into ``<output_root>/<variant>`` (relative: to the repository root):
+    ``python projects/effective_batch/train_net.py --config-file projects/effective_batch/configs/<variant>.yaml
+    --num-gpus 1 OUTPUT_DIR <out> [SOLVER.MAX_ITER max_iter] [opts]``."""
+    extra = (["SOLVER.MAX_ITER", str(max_iter)] if max_iter is not None else []) + list(opts)
+    return [Run(v, config_path(v), os.path.join(output_root, v), TRAIN_NET, opts=list(extra), flags=["--num-gpus", "1"],
+                python=python, info={"variant": v, "cell": v}, meta=v) for v in variants]
+
+
+#: Run in the project's folder (its package ``effective_batch`` importable from there): builds
+#: and checks each run's config as train_net.py would, with the project's keys.
+_CHECK = """
+import json, sys
+import agvm  # noqa: F401  (compat patches first)
+from agvm.detectron2.checks import build_run_config, validate_config  # (and its warning filters)
+from agvm.data.register import register_shapes
+from effective_batch import add_effective_batch_config, check_loss_keep
+register_shapes()
+for name, config, opts in json.loads(sys.argv[1]):
+    try:
+        cfg = build_run_config(config, opts, what=f"run {name}: ", config_adders=[add_effective_batch_config])
+        validate_config(cfg, world_size=1)
+        check_loss_keep(cfg.MODEL.EFFECTIVE_BATCH.LOSS_KEEP)
+    except (KeyError, ValueError) as e:
+        text = str(e.args[0] if e.args else e)
+        print(text if text.startswith("run ") else f"run {name}: {text}")
+        sys.exit(2)
+"""
+
+
+def check_runs(runs: Sequence[Run]) -> None:
+    """Build every run's config (defaults, agvm's and the project's keys, the yaml, the
+    overrides) and check it, in one child process in the project's folder (where its package
+    imports); raises ValueError naming the run, key and value."""
+    todo = [[r.name, r.path(r.config), ["OUTPUT_DIR", r.out, *r.opts]] for r in runs]
+    if not todo:
+        return
+    proc = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(todo)], cwd=os.path.join(ROOT, PROJECT),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines()[-1:]
+        raise ValueError(lines[-1] if lines else f"checking the effective-batch configs failed (exit {proc.returncode})")
+
+
+def progress(result: Result) -> str:
+    """The line :func:`agvm.runner.execute` prints when a variant's run ends."""
+    s = summarize(result.run.path(result.run.out))
+    return (f"{result.run.name}: exit {result.record['returncode']}, {s['estimates']} Φ estimates, "
+            f"Φ_head/Φ_backbone {_f(s['ratio'])} in {result.record['wall_s'] / 60:.1f} min")
 
 
 def describe(variant: str, cfg: Optional[dict]) -> str:
@@ -61,73 +110,6 @@ def describe(variant: str, cfg: Optional[dict]) -> str:
     return variant
 
 
-# ------------------------------------------------------------------------------ arguments
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("variants", nargs="*", metavar="VARIANT", help=f"variants to run (default all: {' '.join(VARIANTS)})")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with its share of the CPU threads; default 2")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
-    p.add_argument("--report-only", action="store_true", help="run nothing; write the report from existing runs")
-    p.add_argument("--max-iter", type=int, default=None, help="override SOLVER.MAX_ITER (iterations) of every variant")
-    p.add_argument("--rerun", action="store_true", help="run variants that already finished again")
-    p.add_argument("--output-root", default="output/effective_batch", help="runs go to <root>/<variant>; default output/effective_batch")
-    p.add_argument("--results", default="results/effective_batch", help="folder of README.md and phi.png; default results/effective_batch")
-    p.add_argument("--python", default=sys.executable, help="interpreter of the training runs; default this one")
-    args = parse_with_overrides(p, argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    args.variants = args.variants or list(VARIANTS)
-    if args.jobs < 1:
-        p.error(f"--jobs must be ≥ 1, got {args.jobs}")
-    if args.max_iter is not None and args.max_iter < 1:
-        p.error(f"--max-iter must be ≥ 1 (iterations), got {args.max_iter}")
-    return args
-
-
-def _abs(path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(ROOT, path)
-
-
-def config_path(variant: str) -> str:
-    return f"{CONFIG_DIR}/{variant}.yaml"
-
-
-def variant_command(args, variant: str) -> List[str]:
-    """The command line that trains ``variant`` (run from the repository root)."""
-    cmd = [args.python, "scripts/effective_batch.py", "train", "--config-file", config_path(variant), "--num-gpus", "1",
-           "OUTPUT_DIR", os.path.join(args.output_root, variant)]
-    if args.max_iter is not None:
-        cmd += ["SOLVER.MAX_ITER", str(args.max_iter)]
-    return cmd + list(args.opts)
-
-
-def variant_fingerprint(args, variant: str) -> str:
-    cmd = variant_command(args, variant)
-    i = cmd.index("--config-file")
-    return config_fingerprint(_abs(cmd[i + 1]), cmd[i + 2:])
-
-
-def load_config(variant: str, opts: Sequence[str] = ()):
-    """The config ``variant`` trains with (defaults, agvm and effective-batch keys, the yaml,
-    ``opts``); raises KeyError/ValueError on an unknown key or a bad value."""
-    import agvm  # noqa: F401  (compat patches first)
-    from detectron2.config import get_cfg
-
-    from agvm.detectron2 import add_agvm_config, check_agvm_config
-    from agvm.detectron2.effective_batch import add_effective_batch_config, check_loss_keep
-
-    cfg = get_cfg()
-    add_agvm_config(cfg)
-    add_effective_batch_config(cfg)
-    cfg.merge_from_file(_abs(config_path(variant)))
-    cfg.merge_from_list(list(opts))
-    check_agvm_config(cfg)
-    check_loss_keep(cfg.MODEL.EFFECTIVE_BATCH.LOSS_KEEP)
-    return cfg
-
-
-# ------------------------------------------------------------------------------ report
 def _mean(xs: Sequence[float]) -> Optional[float]:
     xs = [x for x in xs if math.isfinite(x)]
     return sum(xs) / len(xs) if xs else None
@@ -273,7 +255,7 @@ def write_report(output_root: str, results: str, argv_line: str, variants: Seque
         "samples per image than the backbone, so its gradient variance Φ is smaller; after each change that shrinks "
         "the head's effective batch (per-level heads, no FPN, masked location losses) Φ_dense_head / Φ_backbone "
         "should move towards 1. Φ = 1 − cos(g₁, g₂) of two half-batch gradients (AGVM in MEASURE_ONLY: plain SGD "
-        "steps). Written by `scripts/effective_batch.py` from each run's `metrics.json`; the ratio is mean Φ_head / "
+        "steps). Written by `projects/effective_batch/run_experiment.py` from each run's `metrics.json`; the ratio is mean Φ_head / "
         "mean Φ_backbone over the estimates (last half: the later half of them); the per-estimate ratio is the mean of "
         "Φ_head / Φ_backbone at each estimate, with its standard error (std/√n; the estimates are autocorrelated, so "
         "the true uncertainty is larger).",
@@ -303,89 +285,3 @@ def write_report(output_root: str, results: str, argv_line: str, variants: Seque
     with open(path, "w") as f:
         f.write(text)
     return path
-
-
-# ------------------------------------------------------------------------------ main
-#: What a training run leaves in its folder (detectron2 appends to metrics.json and log.txt).
-RUN_FILES = ("metrics.json", "log.txt", "config.yaml", "last_checkpoint", "eval_results.json", "agvm_run.json",
-             "stdout.log")
-
-
-def clear_run(out_dir: str) -> List[str]:
-    """Remove what an earlier run left in ``out_dir`` (:data:`RUN_FILES`, checkpoints
-    ``model_*.pth``, tensorboard ``events.out.tfevents.*``), so that a new run's metrics.json
-    holds its own rows only; returns the names removed. Other files are kept."""
-    if not os.path.isdir(out_dir):
-        return []
-    removed = []
-    for name in sorted(os.listdir(out_dir)):
-        if name in RUN_FILES or name.startswith("events.out.tfevents.") or (name.startswith("model_") and name.endswith(".pth")):
-            os.remove(os.path.join(out_dir, name))
-            removed.append(name)
-    return removed
-
-
-def train(argv: Sequence[str]):
-    """``train`` command: one training run (detectron2's arguments, MODEL.EFFECTIVE_BATCH.* known)."""
-    import agvm  # noqa: F401  (compat patches first)
-    from agvm.detectron2.effective_batch import launch_training
-
-    return launch_training(argv)
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        train(argv[1:])
-        return 0
-    args = parse_args(argv)
-    threads = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
-    argv_line = threads + "python scripts/effective_batch.py " + " ".join(shlex.quote(a) for a in argv)
-    output_abs, results_abs = _abs(args.output_root), _abs(args.results)
-    try:
-        for v in args.variants:
-            load_config(v, variant_command(args, v)[variant_command(args, v).index("OUTPUT_DIR"):])
-    except (KeyError, ValueError) as e:
-        print(f"effective_batch.py: error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        for v in args.variants:
-            print(" ".join(shlex.quote(c) for c in variant_command(args, v)))
-        print(f"# {len(args.variants)} run(s); dry run: nothing run or written", file=sys.stderr)
-        return 0
-    failed: List[str] = []
-    if not args.report_only:
-        pending = []
-        for v in args.variants:
-            out = os.path.join(output_abs, v)
-            run = read_run(out) or {}
-            stale = stale_reason(out, variant_fingerprint(args, v))
-            if run.get("returncode") == 0 and stale is None and not args.rerun:
-                print(f"skip {v}: finished ({out})", flush=True)
-                continue
-            if run.get("returncode") == 0 and stale and not args.rerun:
-                print(f"stale {v}: finished, but {stale}; running it again", flush=True)
-            pending.append(v)
-
-        def one(variant: str, threads: Optional[int]) -> str:
-            out = os.path.join(output_abs, variant)
-            cmd = variant_command(args, variant)
-            record = {"variant": variant, "cell": variant, "fingerprint": variant_fingerprint(args, variant)}
-            clear_run(out)
-            rec = run_logged(cmd, out, record, cwd=ROOT, threads=threads, line=" ".join(shlex.quote(c) for c in cmd),
-                             progress=lambda t: print(t, flush=True))
-            s = summarize(out)
-            if rec["returncode"] != 0:
-                failed.append(f"{variant} (exit {rec['returncode']}, see {out}/stdout.log)")
-            return (f"{variant}: exit {rec['returncode']}, {s['estimates']} Φ estimates, "
-                    f"Φ_head/Φ_backbone {_f(s['ratio'])} in {rec['wall_s'] / 60:.1f} min")
-
-        run_all(pending, one, args.jobs, print_fn=lambda s: print(s, flush=True))
-    print(f"wrote {write_report(output_abs, results_abs, argv_line)}")
-    if failed:
-        print("FAILED runs:\n  " + "\n  ".join(failed), file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

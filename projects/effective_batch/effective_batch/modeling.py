@@ -1,4 +1,4 @@
-"""RetinaNet variants for the paper's "effective batch" experiment (AGVM, NeurIPS 2022).
+"""The RetinaNet of the paper's effective-batch experiment (AGVM, NeurIPS 2022).
 
 The paper explains why a dense head's gradient variance Φ is smaller than the backbone's: the
 head sees many more samples per image (every anchor location of every pyramid level) than the
@@ -10,22 +10,21 @@ the head's and the backbone's Φ curves move closer after each:
 3. masked losses: only a random fraction of anchor locations contributes to the losses.
 
 :class:`EffectiveBatchRetinaNet` is detectron2's ``RetinaNet`` with (1) and (3) behind
-``MODEL.EFFECTIVE_BATCH.*`` (:func:`add_effective_batch_config`); with the defaults it is the
-stock model (same parameters, same initialisation, same losses, same RNG use). (2) needs no key:
-``MODEL.BACKBONE.NAME "build_resnet_backbone"``, ``MODEL.RESNETS.OUT_FEATURES ["res4"]``,
-``MODEL.RETINANET.IN_FEATURES ["res4"]`` and all anchor sizes in one level
-(``projects/retinanet/configs/effective_batch/no_fpn.yaml``). The only addition it needs is in
-checkpoint loading: a bare ResNet backbone holds its stages at ``backbone.<stage>``, so
-checkpoint keys ``backbone.bottom_up.*`` (ResNet weights saved from an FPN model, e.g.
-``agvm-pretrained://shapes_r18``) are read as ``backbone.*`` there.
+``MODEL.EFFECTIVE_BATCH.*`` (:func:`effective_batch.add_effective_batch_config`); with the
+defaults it is the stock model (same parameters, same initialisation, same losses, same RNG
+use). (2) needs no key: ``MODEL.BACKBONE.NAME "build_resnet_backbone"``,
+``MODEL.RESNETS.OUT_FEATURES ["res4"]``, ``MODEL.RETINANET.IN_FEATURES ["res4"]`` and all anchor
+sizes in one level (``projects/effective_batch/configs/no_fpn.yaml``). The only addition it
+needs is in checkpoint loading: a bare ResNet backbone holds its stages at
+``backbone.<stage>``, so checkpoint keys ``backbone.bottom_up.*`` (ResNet weights saved from an
+FPN model, e.g. ``agvm-pretrained://shapes_r18``) are read as ``backbone.*`` there.
 
 AGVM's automatic grouping (:mod:`agvm.detectron2.groups`) needs no rule: the per-level heads
 live under ``head.*`` (``dense_head``), the ResNet under ``backbone.bottom_up.*`` with FPN or
 ``backbone.*`` without (``backbone``), the FPN convs under the rest of ``backbone.*`` (``neck``).
 
-Training entry point: :func:`launch_training` (``scripts/effective_batch.py train --config-file
-...``), since the projects' ``train_net.py`` (and ``agvm.detectron2.launch_cli``, which reads the
-config to pick the device) do not add these config keys.
+Importing this module registers ``EffectiveBatchRetinaNet`` in detectron2's
+``META_ARCH_REGISTRY`` (``MODEL.META_ARCHITECTURE: "EffectiveBatchRetinaNet"``).
 """
 
 from __future__ import annotations
@@ -46,34 +45,11 @@ from detectron2.utils.events import get_event_storage
 __all__ = [
     "EffectiveBatchRetinaNet",
     "UnsharedRetinaNetHead",
-    "add_effective_batch_config",
     "check_loss_keep",
     "location_keep_mask",
-    "launch_training",
-    "main",
 ]
 
 _KEEP_KEY = "MODEL.EFFECTIVE_BATCH.LOSS_KEEP"
-
-
-def add_effective_batch_config(cfg: CN) -> None:
-    """Add ``MODEL.EFFECTIVE_BATCH.*`` (the knobs of :class:`EffectiveBatchRetinaNet`) to a
-    detectron2 config, in place; idempotent."""
-    if "EFFECTIVE_BATCH" in cfg.MODEL:
-        return
-    _C = cfg
-    _C.MODEL.EFFECTIVE_BATCH = CN()
-    # One RetinaNet head (cls + box towers and predictors) per level of
-    # MODEL.RETINANET.IN_FEATURES instead of one shared by all levels; every per-level head
-    # starts from the weights the shared head would have. Default False (the stock head).
-    _C.MODEL.EFFECTIVE_BATCH.UNSHARED_HEADS = False
-    # Fraction in (0, 1] of anchor locations (spatial positions; all anchors of a kept position
-    # are kept) whose classification and box losses count: round(LOSS_KEEP · H·W) positions, at
-    # least 1, drawn per image and level at every iteration from torch's generator. Masked
-    # anchors are ignored (as IoU-ignored ones): they contribute nothing, and the loss
-    # normaliser counts only kept foreground anchors. 1.0 (default) = stock losses, nothing
-    # drawn; 0.25 = the paper's "75 % of the pixel losses masked".
-    _C.MODEL.EFFECTIVE_BATCH.LOSS_KEEP = 1.0
 
 
 def check_loss_keep(value) -> float:
@@ -231,35 +207,3 @@ class EffectiveBatchRetinaNet(RetinaNet):
                 if target not in state_dict:
                     state_dict[target] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def main(args):
-    """Train (or evaluate) one config with :class:`agvm.detectron2.AGVMTrainer`, the config
-    built with :func:`add_effective_batch_config` (``args``: detectron2's argument namespace)."""
-    from .cli import setup_cfg, train_or_evaluate
-    from .defaults import AGVMTrainer
-
-    return train_or_evaluate(setup_cfg(args, config_adders=[add_effective_batch_config]), args, AGVMTrainer)
-
-
-def launch_training(argv: Optional[Sequence[str]] = None):
-    """``train_net.py``'s command line for these configs: parse ``argv`` (detectron2's options
-    and ``KEY VALUE`` overrides, :func:`agvm.detectron2.default_argument_parser`) and run
-    :func:`main` in every process (:func:`agvm.detectron2.launch`), the device taken from the
-    config built with :func:`add_effective_batch_config`."""
-    from detectron2.config import get_cfg
-
-    from .cli import default_argument_parser
-    from .config import add_agvm_config
-    from .launch import launch
-
-    args = default_argument_parser().parse_args(None if argv is None else list(argv))
-    cfg = get_cfg()
-    add_agvm_config(cfg)
-    add_effective_batch_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts or []))
-    device = "cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
-    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,), device=device)
