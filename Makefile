@@ -1,6 +1,7 @@
 # agvm: every set-up step is here, so a fresh clone needs only `make demo` or `make test`.
 #   make install    create .venv, install pinned requirements, detectron2, and agvm (idempotent)
 #   make test       install if needed, then the fast test suite (~minutes on 2 CPU cores)
+#   make test-fast  the quick selection for an edit-test loop (marked `fast`, no multi-process tests; about a minute)
 #   make test-slow  the long tests (marked `slow`)
 #   make test-install  `pip install .` into a fresh venv + install_detectron2.sh (marked `install`)
 #   make demo       install if needed, then the demo: AGVM vs its μ = 1 twin at batch 32 (CPU, ~5 min)
@@ -13,7 +14,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.agvm-installed
 PYTEST_ARGS ?=
 
-.PHONY: reproduce-mini install test test-slow test-install demo pretrained clean
+.PHONY: reproduce-mini install test test-fast test-slow test-install demo pretrained clean
 
 install: $(STAMP)
 
@@ -27,6 +28,9 @@ $(STAMP): requirements.txt pyproject.toml scripts/install_detectron2.sh
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "fast and not ddp and not slow and not install" $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

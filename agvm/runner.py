@@ -1,11 +1,12 @@
 """Running training commands into output folders, with records and progress (pure Python).
 
 The one orchestration loop of the experiment scripts (``scripts/reproduce_table.py``,
-``sweep.py``, ``effective_batch.py``, ``reproduce_mini.py``, ``evidence.py``, ``demo.py``): each
-builds a plan, a list of :class:`Run`, checks it, hands it to :func:`execute` and writes its
-report from the runs' folders. Each run gets its console output in ``<out>/stdout.log`` and
-``<out>/agvm_run.json`` (the command, config fingerprint, exit code, wall time in seconds,
-start/finish time, machine), which :mod:`agvm.results` reads back.
+``sweep.py``, ``reproduce_mini.py``, ``evidence.py``, ``demo.py``, and the projects' own, e.g.
+``projects/effective_batch/run_experiment.py``): each builds a plan, a list of :class:`Run`,
+checks it, hands it to :func:`execute` and writes its report from the runs' folders. Each run
+gets its console output in ``<out>/stdout.log`` and ``<out>/agvm_run.json`` (the command, config
+fingerprint, exit code, wall time in seconds, start/finish time, machine), which
+:mod:`agvm.results` reads back.
 """
 
 from __future__ import annotations

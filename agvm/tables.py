@@ -10,7 +10,7 @@ learning rate and the rule it follows, where the LR decays (in epochs), the meth
 (``configs/recipes/[mini/]<recipe>.yaml``) and any key the cell sets beyond it — and
 :func:`config_mismatches` compares a loaded config against that. The config files
 (``projects/<name>/configs/[mini/]<cell>.yaml``) are short deltas on a project base and a recipe;
-edit them freely: ``tests/test_projects.py`` only asks that each still means its entry.
+edit them freely: ``tests/experiments/test_projects.py`` only asks that each still means its entry.
 
 The rules that produced the entries (stated once, here):
 

@@ -1,4 +1,4 @@
-"""Worker of tests/test_distributed.py: one gloo rank training a small two-module model.
+"""Worker of tests/distributed/test_distributed.py: one gloo rank training a small two-module model.
 
 Kept importable (not inside the test module) so that spawned processes can unpickle it.
 """

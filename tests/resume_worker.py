@@ -1,4 +1,4 @@
-"""Workers of tests/test_resume.py (importable, so that spawned processes can unpickle them).
+"""Workers of tests/detectron2/test_resume.py (importable, so that spawned processes can unpickle them).
 
 A 2-rank gloo job of the mini Faster R-CNN on a small dataset of portrait (48×64) and
 landscape (64×48) images, with data workers and aspect-ratio grouping, recording per rank and

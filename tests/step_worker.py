@@ -1,4 +1,4 @@
-"""Worker of tests/test_step_safety.py: one gloo rank running SAM through ``AGVMStepTrainer``.
+"""Worker of tests/detectron2/test_step_safety.py: one gloo rank running SAM through ``AGVMStepTrainer``.
 
 Kept importable (not inside the test module) so that spawned processes can unpickle it.
 """

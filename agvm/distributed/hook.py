@@ -73,7 +73,7 @@ Streams (checked against torch 2.14's DDP, ``Future`` and ProcessGroupNCCL):
   copy of the result into the gradients after the collective *and* the callback's kernels. A
   hand-made ``torch.futures.Future()`` filled from a callback records no events and lets DDP read
   the bucket early (``scripts/gpu_check.py --only stream`` shows it on one GPU;
-  tests/test_hook_devices.py rejects a ``Future`` without ``devices=`` in this code).
+  tests/distributed/test_hook_devices.py rejects a ``Future`` without ``devices=`` in this code).
 - The half all-reduce is a different communicator (own NCCL stream). ``done`` calls
   ``work.wait()`` on it first: on NCCL that makes the callback's current stream wait for it (no
   host block); on gloo it blocks the world group's thread until the half group's thread is done.
@@ -87,7 +87,7 @@ Device notes:
 - Every tensor handed to a collective lives on the device of the gradients it summarises: the
   buckets, their world-mean tensors (``empty_like``), and the statistics table of
   :meth:`AGVMHookState.finish`, created on the device recorded from the buckets (an NCCL group
-  has no CPU backend). ``tests/test_hook_devices.py`` fails on any tensor factory in this file
+  has no CPU backend). ``tests/distributed/test_hook_devices.py`` fails on any tensor factory in this file
   without an explicit ``device=``.
 - The halves are built from the global ranks of ``process_group``
   (``dist.get_process_group_ranks``) with ``new_group(..., use_local_synchronization=True)``, so

@@ -1,4 +1,4 @@
-"""tests/test_step_safety.py's AMP overflow test on CUDA (float16 autocast, CUDA GradScaler): an
+"""tests/detectron2/test_step_safety.py's AMP overflow test on CUDA (float16 autocast, CUDA GradScaler): an
 estimate iteration whose plain pass overflows (the GradScaler skips the step) leaves μ
 unchanged. The logic stays in test_step_safety.py, beside its CPU (bfloat16) twin."""
 

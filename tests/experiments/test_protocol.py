@@ -67,7 +67,7 @@ def test_stage1_report_regenerates_from_the_committed_records(tmp_path):
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     committed = root / "results" / "evidence"
     copy = tmp_path / "evidence"
     shutil.copytree(committed / "runs", copy / "runs")
@@ -75,6 +75,10 @@ def test_stage1_report_regenerates_from_the_committed_records(tmp_path):
                    check=True, capture_output=True, cwd=tmp_path)
     assert (copy / "stage1.md").read_text() == (committed / "stage1.md").read_text()
     for regime in sorted(p.name for p in (committed / "runs" / "stage2").glob("*")):  # stage 2, once it has records
+        readme = tmp_path / "README.md"  # the README's results block, regenerated into a copy
+        readme.write_text((root / "README.md").read_text().replace("| 4 | MegDet", "| 4 | stale MegDet"))
         subprocess.run([sys.executable, str(root / "scripts" / "evidence.py"), "--stage", "2", "--regime", regime,
-                        "--report-only", "--records", str(copy)], check=True, capture_output=True, cwd=tmp_path)
+                        "--report-only", "--records", str(copy), "--readme", str(readme)],
+                       check=True, capture_output=True, cwd=tmp_path)
         assert (copy / "stage2.md").read_text() == (committed / "stage2.md").read_text()
+        assert readme.read_text() == (root / "README.md").read_text()

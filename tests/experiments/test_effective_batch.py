@@ -20,7 +20,7 @@ from detectron2.utils.events import EventStorage
 
 from agvm.detectron2 import add_agvm_config, default_argument_parser, module_of_parameters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECT = os.path.join(ROOT, "projects", "effective_batch")
 CONFIGS = os.path.join(PROJECT, "configs")
 

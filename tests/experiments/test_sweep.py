@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGVM_MINI = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "b32_agvm.yaml")
 
 
@@ -136,7 +136,7 @@ def test_reproduce_table_dry_run_prints_per_gpu_batch_and_accumulation(capsys):
     import importlib.util
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location("reproduce_table", os.path.join(root, "scripts", "reproduce_table.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

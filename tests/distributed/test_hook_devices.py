@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "agvm"
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "agvm"
 FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "linspace", "eye", "rand", "randn", "stack_empty"}
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast", "reduce",
                "gather", "scatter", "all_to_all", "reduce_scatter_tensor"}

@@ -13,7 +13,7 @@ import pytest
 from agvm.results import cell_output_dir, comparison_rows
 from agvm.tables import TABLES, get_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECTS = sorted(TABLES)
 
 

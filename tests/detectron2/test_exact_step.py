@@ -140,7 +140,8 @@ def _assert_same_state(a: AGVMStepTrainer, b: AGVMStepTrainer, tol):
 
 
 @pytest.mark.parametrize("norm", ["FrozenBN", "BN"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.fast) if f == "faster_rcnn_fpn" else f
+                                    for f in FAMILIES])
 def test_estimate_iteration_is_a_plain_step(family, norm):
     """One AGVM estimate iteration with μ = 1 (MEASURE_ONLY) = one plain iteration: parameters,
     momentum, BN running statistics, loss normalisers (exactly: the step is the plain pass)."""
@@ -189,7 +190,8 @@ def _one_minus_cos(a, b):
     return float(1.0 - torch.dot(a, b) / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("family", ["faster_rcnn_fpn", "mask_rcnn", "retinanet", "fcos", "semantic_fpn", "panoptic_fpn"])
+@pytest.mark.parametrize("family", [pytest.param("faster_rcnn_fpn", marks=pytest.mark.fast), "mask_rcnn", "retinanet",
+                                    "fcos", "semantic_fpn", "panoptic_fpn"])
 def test_phi_equals_independent_half_batch_reference(family):
     """Φ per module = 1 − cos of two half-batch gradients, each evaluated separately in the test
     on its own copy of the model from the iteration's starting state."""
@@ -232,6 +234,7 @@ def _step_gradient(step):
     return seen, dict(step.optimizer.modulator.phi)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("accum", [2, 4])
 def test_accumulation_gives_the_unaccumulated_step_and_phi(accum):
     """GRAD_ACCUM_STEPS 2 and 4 (halves = first and last k/2 micro-batches, no extra pass) give
@@ -249,6 +252,7 @@ def test_accumulation_gives_the_unaccumulated_step_and_phi(accum):
         assert phi[m] == pytest.approx(ref_phi[m], rel=1e-5), m
 
 
+@pytest.mark.fast
 def test_accumulated_estimate_step_is_bit_identical_to_plain_accumulation():
     """With an even GRAD_ACCUM_STEPS the estimate iteration adds no pass and leaves the
     accumulated gradient untouched (trainable BN, RetinaNet's normaliser)."""
@@ -292,6 +296,7 @@ def test_preserved_state_restores_and_names_what_it_cannot():
             net.cache.add_(1.0)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("accum", [2, 4])
 def test_sam_with_accumulation_gives_the_unaccumulated_sam_step(accum):
     """SAM over GRAD_ACCUM_STEPS micro-batches (ascent gradient and step gradient each

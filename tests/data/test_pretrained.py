@@ -21,7 +21,7 @@ from agvm.detectron2 import add_agvm_config  # noqa: E402
 from agvm.data import pretrained as P  # noqa: E402
 from agvm.detectron2 import catalog as C  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # every mini model holds the ResNet at backbone.bottom_up; Faster R-CNN first
 MINI_CONFIGS = [
     "faster_rcnn/configs/mini/faster_rcnn_R18_FPN_shapes.yaml",

@@ -11,7 +11,7 @@ import pytest
 
 from agvm.runner import REUSED, Run, execute, free_port, outcome, stale_reason
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 #: train_net.py's command line, faked: ``--config-file C [flags] OUTPUT_DIR OUT [KEY VALUE ...]``;
 #: ``EXIT n`` exits with n, ``DIVERGE 1`` stops as detectron2 does on a non-finite loss.

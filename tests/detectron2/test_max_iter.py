@@ -9,7 +9,7 @@ from projects_util import project_config_adders
 
 from agvm.solver import rescale_schedule
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MINI_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "projects", "*", "configs", "mini", "**", "*.yaml"), recursive=True))
 # the effective-batch experiment's configs are mini-scale too (CPU, shapes dataset)
 MINI_CONFIGS += sorted(glob.glob(os.path.join(ROOT, "projects", "effective_batch", "configs", "*.yaml")))

@@ -100,7 +100,7 @@ def test_setup_cfg_stops_on_a_missing_dataset(tmp_path, monkeypatch):
     from agvm.detectron2 import default_argument_parser, setup_cfg
 
     monkeypatch.chdir(tmp_path)  # ./datasets (detectron2's default root) does not exist here
-    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects/faster_rcnn/configs/b512_agvm.yaml")
+    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "projects/faster_rcnn/configs/b512_agvm.yaml")
     args = default_argument_parser().parse_args(["--config-file", cfg, "OUTPUT_DIR", str(tmp_path / "out")])
     with pytest.raises(DatasetNotFoundError, match="DETECTRON2_DATASETS"):
         setup_cfg(args)

@@ -12,7 +12,7 @@ from detectron2.config import get_cfg
 from agvm.detectron2 import add_agvm_config
 from agvm.detectron2.build import build_clip_fn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load(path):

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 
