@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Dict, Mapping, Optional, Sequence
 
-__all__ = ["converged", "degraded", "paired_difference", "mean_std"]
+__all__ = ["converged", "degraded", "paired_difference", "mean_std", "reading"]
 
 
 def _finite(x) -> bool:
@@ -76,3 +76,20 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[st
     diffs = {s: (float(a[s]) if _finite(a[s]) else 0.0) - (float(b[s]) if _finite(b[s]) else 0.0) for s in seeds}
     mean, std = mean_std(list(diffs.values()))
     return {"per_seed": diffs, "mean": mean, "std": std, "ahead": sum(d > 0 for d in diffs.values()), "seeds": len(seeds)}
+
+
+def reading(d: Mapping[str, object]) -> str:
+    """One sentence on a :func:`paired_difference` result: the mean with its standard error
+    (std / sqrt(n)), on how many seeds AGVM is ahead, and whether the mean is more than two
+    standard errors from 0 ("clear") or not ("within noise"); one seed: "one seed, no error"."""
+    n = int(d["seeds"])
+    if n == 0:
+        return "no seed with both runs"
+    mean = float(d["mean"])
+    if n == 1:
+        return f"{mean:+.2f} AP on one seed (no error estimate): no conclusion"
+    se = float(d["std"]) / math.sqrt(n)
+    verdict = "clear" if abs(mean) > 2 * se else "within noise"
+    side = "AGVM ahead" if mean > 0 else "AGVM behind"
+    return (f"{mean:+.2f} ± {se:.2f} AP (mean ± s.e., {n} seeds), AGVM ahead on {d['ahead']} of {n}: "
+            f"{side}, {verdict} (|mean| {'>' if verdict == 'clear' else '≤'} 2 s.e.)")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from agvm import runner
-from agvm.protocol import converged, degraded, mean_std, paired_difference
+from agvm.protocol import converged, degraded, mean_std, paired_difference, reading
 from agvm.results import read_metrics, read_run
 from agvm.runner import REPO_ROOT as ROOT
 
@@ -268,6 +268,19 @@ def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str)
              f"τ = {TAU}, α = {ALPHA:g} unless stated; seeds {', '.join(map(str, seeds))}; a diverged run counts as AP 0 "
              "in the means and differences.", "",
              "## Box AP per cell (mean ± std over seeds)", "", *_cell_lines(name, runs, records_root)]
+    lines += ["", "## Reading (mechanical: `agvm.protocol.reading`)", "",
+              "Per batch: AGVM − twin as mean ± standard error over the seeds that have both runs, and whether "
+              "the mean is more than two standard errors from 0. This rule was added to the report after seed 0 "
+              "was recorded; it describes the table and decides nothing the protocol did not fix.", ""]
+    for batch in sorted({x.batch for x in scaling if x.method == "agvm"}):
+        by = {m: {x.seed: _ap(x, records_root) for x in scaling if x.batch == batch and x.method == m}
+              for m in ("agvm", "twin", "megdet")}
+        d = paired_difference({k: v for k, v in by["agvm"].items() if v is not None},
+                              {k: v for k, v in by["twin"].items() if v is not None})
+        diverged = sum(result(x, records_root)["status"] == "diverged" for x in scaling
+                       if x.batch == batch and x.method == "megdet")
+        done = sum(v is not None for v in by["megdet"].values())
+        lines.append(f"- batch {batch}: {reading(d)}; MegDet (linear rule) diverged on {diverged} of {done} recorded seeds.")
     big = r["b0"] * r["factor"]
     main = {(x.alpha, x.tau): x for x in scaling if x.method == "agvm" and x.batch == big and x.seed == min(seeds)}
     lines += ["", f"## α × τ at batch {big} (AGVM, seed {min(seeds)})", "", "| α | τ | box AP | status |", "|---|---|---|---|"]

@@ -82,3 +82,14 @@ def test_stage1_report_regenerates_from_the_committed_records(tmp_path):
                        check=True, capture_output=True, cwd=tmp_path)
         assert (copy / "stage2.md").read_text() == (committed / "stage2.md").read_text()
         assert readme.read_text() == (root / "README.md").read_text()
+
+
+def test_reading_of_a_paired_difference():
+    from agvm.protocol import paired_difference, reading
+
+    clear = paired_difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 9.0, 1: 9.8, 2: 11.1})  # +1.0, +1.2, +0.9
+    assert reading(clear).startswith("+1.03 ± 0.09 AP (mean ± s.e., 3 seeds), AGVM ahead on 3 of 3: AGVM ahead, clear")
+    noisy = paired_difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 11.0, 1: 10.0, 2: 12.3})  # -1.0, +1.0, -0.3
+    assert "AGVM ahead on 1 of 3: AGVM behind, within noise" in reading(noisy)
+    assert reading(paired_difference({0: 8.1}, {0: 8.0})) == "+0.10 AP on one seed (no error estimate): no conclusion"
+    assert reading(paired_difference({}, {})) == "no seed with both runs"
