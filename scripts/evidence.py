@@ -268,6 +268,10 @@ def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str)
              f"τ = {TAU}, α = {ALPHA:g} unless stated; seeds {', '.join(map(str, seeds))}; a diverged run counts as AP 0 "
              "in the means and differences.", "",
              "## Box AP per cell (mean ± std over seeds)", "", *_cell_lines(name, runs, records_root)]
+    missing = [x.name for x in runs if not (read_run(os.path.join(records_root, x.path)) or {}).get("returncode") is not None]
+    if missing:
+        lines += ["", f"Planned but not recorded ({len(missing)} of {len(runs)}): {', '.join(missing)}. See "
+                  "[`protocol.md`](protocol.md)'s amendment for what was dropped and why; the same command runs them."]
     lines += ["", "## Reading (mechanical: `agvm.protocol.reading`)", "",
               "Per batch: AGVM − twin as mean ± standard error over the seeds that have both runs, and whether "
               "the mean is more than two standard errors from 0. This rule was added to the report after seed 0 "
