@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,16 +42,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from agvm.runner import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "faster_rcnn_R18_FPN_shapes.yaml")
 FLAVOURS = ("plain", "hook_ordinary", "hook_agvm", "hook_adam_agvm", "reference_agvm")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(model_name, per_rank):
@@ -250,7 +246,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "r.json")
                 mp.start_processes(worker, nprocs=world, start_method="spawn",
-                                   args=(world, _free_port(), model_name, args.iters, args.warmup, args.per_rank, out))
+                                   args=(world, free_port(), model_name, args.iters, args.warmup, args.per_rank, out))
                 with open(out) as fh:
                     res = json.load(fh)
             rec = {"model": model_name, "world": world, "grad_MiB": res["grad_bytes"] / 2**20, **res}

@@ -259,37 +259,6 @@ def effective_batch_section(args) -> List[str]:
             "![Φ ratio per variant](../effective_batch/phi.png)", ""]
 
 
-README_BEGIN = "<!-- reproduce-mini:begin (written by scripts/reproduce_mini.py; do not edit by hand) -->"
-README_END = "<!-- reproduce-mini:end -->"
-
-
-def headline(args, runs: Sequence[Run], root: str) -> str:
-    """The README's results block: AP against batch per method (mean ± std, diverged/seeds),
-    the effective-batch ratios and the figures, all from the runs."""
-    lines = [f"Box AP of the mini Faster R-CNN (pretrained backbone, {args.epochs:g} epoch(s) at every batch, "
-             f"seeds {', '.join(map(str, args.seeds))}; mean ± std, diverged runs counted per seed). From "
-             "[`results/mini/README.md`](results/mini/README.md), written with the figures by `make reproduce-mini`:", "",
-             scaling_table(runs, root), "![AP vs batch](results/mini/ap_vs_batch.png)", ""]
-    section = effective_batch_section(args)
-    if section:
-        lines += ["The effective-batch experiment (Φ_dense_head / Φ_backbone per RetinaNet variant):", "",
-                  *[line for line in section if line.startswith("|")], ""]
-    return "\n".join(lines)
-
-
-def update_readme(path: str, block: str) -> bool:
-    """Replace the text between README_BEGIN and README_END in ``path`` with ``block``;
-    False (nothing written) when the markers are missing."""
-    text = open(path).read()
-    if README_BEGIN not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(path, "w") as f:
-        f.write(head + README_BEGIN + "\n" + block.strip() + "\n" + README_END + tail)
-    return True
-
-
 def write_report(args, runs: Sequence[Run], root: str, started: str, total_s: float) -> str:
     os.makedirs(args.results, exist_ok=True)
     records = [read_run(os.path.join(root, r.name)) or {} for r in runs]
@@ -412,9 +381,6 @@ def main(argv=None) -> int:
             return code
     path = write_report(args, runs, root, started, time.time() - t0)
     print(f"wrote {path}")
-    if args.scale == "cpu" and args.results == os.path.join(ROOT, "results/mini") and \
-            update_readme(os.path.join(ROOT, "README.md"), headline(args, runs, root)):
-        print("updated the results block of README.md")
     return 0
 
 

@@ -5,7 +5,6 @@ import inspect
 import json
 import os
 import random
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from detectron2.data.samplers import TrainingSampler
 
 import resume_worker
 from agvm.detectron2.checkpoint import SafeCheckpointer
+from agvm.runner import free_port
 
 
 # ------------------------------------------------------------------------------ the loader
@@ -179,14 +179,10 @@ def test_rank_rng_file_of_the_checkpoint_actually_loaded(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ 2 ranks, killed, resumed
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(out_dir, phase, kill_at=-1):
-    mp.start_processes(resume_worker.run, args=(2, _free_port(), str(out_dir), phase, kill_at), nprocs=2,
+    mp.start_processes(resume_worker.run, args=(2, free_port(), str(out_dir), phase, kill_at), nprocs=2,
                        start_method="spawn")
 
 

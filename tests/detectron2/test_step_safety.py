@@ -15,7 +15,6 @@ import collections
 import copy
 import math
 import random
-import socket
 
 import numpy as np
 import pytest
@@ -32,15 +31,12 @@ from agvm.core.sandbox import UnaccountedStateError, preserved_state
 from agvm.detectron2 import AGVMStepTrainer
 from agvm.detectron2.resume import set_data_iterator
 from step_worker import LossNet, Poison, batch, groups, sam_trainer
+from agvm.runner import free_port
 
 INF = float("inf")
 DDP_ITERS = 20
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _params(net):
@@ -66,7 +62,7 @@ def ddp_sam(tmp_path_factory):
     out = tmp_path_factory.mktemp("sam_ddp")
     error = None
     try:
-        mp.start_processes(step_worker.run, args=(2, _free_port(), str(out), DDP_ITERS), nprocs=2, start_method="spawn")
+        mp.start_processes(step_worker.run, args=(2, free_port(), str(out), DDP_ITERS), nprocs=2, start_method="spawn")
     except mp.ProcessRaisedException as e:  # kept for the scenario that raised
         lines = str(e).strip().splitlines()
         error = next((line for line in reversed(lines) if "Error" in line), lines[-1])

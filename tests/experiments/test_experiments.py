@@ -134,9 +134,3 @@ def test_reproduce_mini_report_mean_std_and_divergence_per_seed(tmp_path):
     path = reproduce.write_report(args, runs, str(root), "2026-11-28T00:00", 60.0)
     text = open(path).read()
     assert "12.00 ± 2.00" in text and "ap_vs_batch.png" in text
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{reproduce.README_BEGIN}\nold\n{reproduce.README_END}\nrest\n")
-    assert reproduce.update_readme(str(readme), reproduce.headline(args, runs, str(root)))
-    body = readme.read_text()
-    assert "old" not in body and "| 32 | AGVM (sqrt LR) | 12.00 ± 2.00 | 0/3 |" in body and body.endswith("rest\n")
-    assert not reproduce.update_readme(str(tmp_path / "report" / "README.md"), "x")  # no markers: untouched
