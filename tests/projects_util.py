@@ -1,6 +1,8 @@
 """Test helper: a project's own config keys, as its train_net.py adds them."""
 
+import importlib.util
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,3 +24,13 @@ def project_config_adders(config):
     if loaded is not None and not (getattr(loaded, "__file__", None) or "").startswith(folder + os.sep):
         del sys.modules[name]  # another module under that name
     return [getattr(importlib.import_module(name), f"add_{name}_config")]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (registered in ``sys.modules``: dataclasses look their
+    module up there)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

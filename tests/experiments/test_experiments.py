@@ -1,23 +1,15 @@
 """The experiment scripts of the evidence issue: the demo (a tiny real run of both sides and its
 summary) and the scaled-down reproduction (its plan, checks and report)."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
-import pytest
+from projects_util import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 TINY = ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(3,)", "SOLVER.AGVM.START_ITER", "0",
@@ -28,7 +20,7 @@ TINY = ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS",
 def test_demo_summary_on_a_tiny_run(tiny_shapes, monkeypatch, capsys):
     """Both demo runs (μ = 1 twin and AGVM) train 4 iterations through the runner; the summary
     has Φ of every module for the baseline, μ for the AGVM run, both APs, and the figure."""
-    demo = _script("demo")
+    demo = load_script("demo")
     monkeypatch.setattr(demo, "prepare", lambda: 0.0)  # the weights are not needed at this size
     out = tiny_shapes / "demo"
     assert demo.main(["--output", str(out), "--max-iter", "4", "--", *TINY]) == 0
@@ -54,7 +46,7 @@ def _args(reproduce, *argv):
 
 
 def test_reproduce_mini_plan_is_same_epoch_batch_scaling_with_seeds():
-    reproduce = _script("reproduce_mini")
+    reproduce = load_script("reproduce_mini")
     args = _args(reproduce)
     runs = reproduce.plan(args)
     scaling = [r for r in runs if r.experiment == "scaling"]
@@ -75,11 +67,11 @@ def test_reproduce_mini_plan_is_same_epoch_batch_scaling_with_seeds():
     assert max(r.batch for r in gpu) == 1024 and all("cuda" in r.opts for r in gpu)
 
 
-def test_reproduce_mini_runs_experiment_3_as_the_projects_script(monkeypatch, capsys):
+def test_reproduce_mini_runs_experiment_3_as_the_projectsload_script(monkeypatch, capsys):
     """Experiment 3 is projects/effective_batch/run_experiment.py in a child process: its configs
     checked before anything runs, then run with --jobs (and --dry-run) after the plan of 1 and 2;
     the script imports none of the project's code."""
-    reproduce = _script("reproduce_mini")
+    reproduce = load_script("reproduce_mini")
     source = open(os.path.join(ROOT, "scripts", "reproduce_mini.py")).read()
     assert "sys.path" not in source and "effective_batch.experiment" not in source
     calls = []
@@ -114,7 +106,7 @@ def _fake_run(folder, ap=None, diverged=False):
 
 
 def test_reproduce_mini_report_mean_std_and_divergence_per_seed(tmp_path):
-    reproduce = _script("reproduce_mini")
+    reproduce = load_script("reproduce_mini")
     args = _args(reproduce, "--batches", "8", "32", "--seeds", "0", "1", "2", "--grid-alpha", "0", "--grid-tau", "2",
                  "--results", str(tmp_path / "report"))
     runs = reproduce.plan(args)

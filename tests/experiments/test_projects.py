@@ -1,7 +1,6 @@
 """The per-paper-table projects: configs, tables, launch scripts, reproduce_table, notebooks."""
 
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -12,16 +11,12 @@ import pytest
 
 from agvm.results import cell_output_dir, comparison_rows
 from agvm.tables import TABLES, get_table
+from projects_util import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROJECTS = sorted(TABLES)
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_project_folder_is_complete():
@@ -217,7 +212,7 @@ def test_launch_dry_run_three_modes():
 
 @pytest.mark.parametrize("scale", ["mini", "full"])
 def test_reproduce_table_dry_run_lists_every_cell(scale, capsys):
-    reproduce = _load_script("reproduce_table")
+    reproduce = load_script("reproduce_table")
     assert reproduce.main(["--table", "all", "--scale", scale, "--dry-run"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     lines = [line for line in out if not line.startswith("#")]
@@ -282,7 +277,7 @@ def test_tiny_run_reproduce_table_and_notebook(project, tiny_shapes):
     root = tiny_shapes / "out"
     md = tiny_shapes / "{table}_{scale}.md"
     extra = SCORE.get(project, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
-    rc = _load_script("reproduce_table").main(
+    rc = load_script("reproduce_table").main(
         ["--table", project, "--scale", "mini", cell.name, "--output-root", str(root), "--results", str(md), "--", *TINY, *extra])
     out = cell_output_dir(str(root), project, "mini", cell.name)
     log = open(os.path.join(out, "stdout.log")).read()
@@ -320,7 +315,7 @@ def test_reproduce_table_checks_every_cell_before_launching(tmp_path, capsys):
     """Bad value, unknown key, a key without effect: the command fails (exit 2) before any run,
     naming the cell, key and value; nothing is written. A cell edited away from its table entry
     runs with a warning that says what changed."""
-    reproduce = _load_script("reproduce_table")
+    reproduce = load_script("reproduce_table")
     root = tmp_path / "out"
     base = ["--table", "faster_rcnn", "--scale", "mini", "--output-root", str(root)]
     cases = [

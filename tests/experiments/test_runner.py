@@ -1,13 +1,12 @@
 """agvm.runner.execute: the one orchestration loop of the experiment scripts (its reuse rule,
 dry run, records), on a fake train_net.py that needs no detectron2."""
 
-import importlib.util
 import json
 import os
 import socket
-import sys
 
 import pytest
+from projects_util import load_script
 
 from agvm.runner import REUSED, Run, execute, free_port, outcome, stale_reason
 
@@ -17,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: ``EXIT n`` exits with n, ``DIVERGE 1`` stops as detectron2 does on a non-finite loss.
 FAKE_TRAIN_NET = '''
 import json, os, sys
+from projects_util import load_script
 argv = sys.argv[1:]
 i = argv.index("OUTPUT_DIR")
 out, opts = argv[i + 1], dict(zip(argv[i + 2::2], argv[i + 3::2]))
@@ -119,18 +119,12 @@ def test_execute_checks_what_is_generic(fake):
         execute([fake("ok")], jobs=0)
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_committed_evidence_records_are_reused():
     """Every committed run record of scripts/evidence.py is reused by the rule of
     agvm.runner.execute: same fingerprint as its plan, finished or diverged."""
-    evidence = _script("evidence")
+    evidence = load_script("evidence")
     records_root = os.path.join(ROOT, "results", "evidence", "runs")
     planned = [x for name in evidence.recorded_regimes(records_root)
                for x in evidence.plan([name], evidence.recorded_seeds(records_root, name))]

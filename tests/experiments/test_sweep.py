@@ -1,24 +1,19 @@
 """scripts/sweep.py (grid expansion, batch rules, resume, aggregation) and scripts/plot_variance.py."""
 
 import csv
-import importlib.util
 import json
 import os
 
 import pytest
+from projects_util import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGVM_MINI = os.path.join(ROOT, "projects", "faster_rcnn", "configs", "mini", "b32_agvm.yaml")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-sweep = _load("sweep")
+sweep = load_script("sweep")
 
 
 def test_grid_expansion():
@@ -105,7 +100,7 @@ def test_sweep_runs_resumes_and_reports_failures_then_plots(tiny_shapes, capsys)
     assert "stale momentum-0.9_seed-0: finished, but its config or overrides changed" in text
     assert f"start momentum-0.9_seed-0: log {out / 'momentum-0.9_seed-0' / 'stdout.log'}" in text
 
-    plot = _load("plot_variance")
+    plot = load_script("plot_variance")
     prefix = tiny_shapes / "plots" / "phi"
     assert plot.main([str(out / "momentum-0.9_seed-0"), "--labels", "α 0.9", "--out", str(prefix)]) == 0
     for kind in ("phi", "mu"):
@@ -133,13 +128,7 @@ def test_grad_accum_steps_keeps_the_global_batch():
 
 
 def test_reproduce_table_dry_run_prints_per_gpu_batch_and_accumulation(capsys):
-    import importlib.util
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("reproduce_table", os.path.join(root, "scripts", "reproduce_table.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("reproduce_table")
     assert mod.main(["--table", "mask_rcnn", "--scale", "full", "--num-gpus", "8", "--dry-run", "b1024_agvm", "b32_agvm"]) == 0
     out = capsys.readouterr().out
     assert "batch 1024 on 8 GPU(s) = 16 images per GPU × 8 micro-batch(es)" in out
@@ -206,7 +195,7 @@ def test_overrides_are_documented_shown_and_recorded(tmp_path, capsys):
 
 
 def test_plot_variance_takes_a_sweep_root_and_shares_y(tmp_path):
-    plot = _load("plot_variance")
+    plot = load_script("plot_variance")
     for name, mu in (("alpha-0.9_seed-0", 1.5), ("alpha-0.97_seed-0", 1.1)):
         (tmp_path / "root" / name).mkdir(parents=True)
         rows = [{"iteration": i, "agvm/phi/backbone": 0.5, "agvm/phi/neck": 0.2, "agvm/mu/backbone": 1.0,
