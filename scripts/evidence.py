@@ -37,6 +37,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -59,6 +60,11 @@ REGIMES: Dict[str, dict] = {
     # both decays before 75 % (the last quarter at LR ×0.01 shows whether B0 has settled), and a
     # warm-up of a quarter of the images (r64_1600x8's 1280 images: 16·B0 diverged at its end)
     "r64_1600x8_late": dict(size=64, images=1600, epochs=8.0, b0=4, factor=16, warmup=3200, steps=(1 / 2, 2 / 3)),
+    # the GPU tier (one GPU; not run on the CPU machine): r64_1600x8_late's proportions (8 epochs, a
+    # quarter of the images as warm-up, decays at 1/2 and 2/3) at B0 = 32 up to 32·B0 = 1024, with
+    # 25,600 images so that 1024 gets 200 iterations; on CUDA with 4 loader workers per run
+    "gpu_r64_25600x8": dict(size=64, images=25600, epochs=8.0, b0=32, factor=32, warmup=51200, steps=(1 / 2, 2 / 3),
+                            device="cuda", workers=4),
 }
 
 
@@ -94,8 +100,8 @@ def run_opts(regime: dict, batch: int, rule: str, seed: int) -> List[str]:
         "SOLVER.WARMUP_ITERS", str(s["warmup"]), "SOLVER.GRAD_ACCUM_STEPS", "2", "SOLVER.LR_SCALING.RULE", rule,
         "SOLVER.AGVM.ENABLED", "False", "TEST.EVAL_PERIOD", str(s["eval_at"]), "SEED", str(seed),
         "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", size,
-        "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, "DATALOADER.NUM_WORKERS", "0",
-    ]
+        "INPUT.MIN_SIZE_TEST", size, "INPUT.MAX_SIZE_TEST", size, "DATALOADER.NUM_WORKERS", str(regime.get("workers", 0)),
+    ] + (["MODEL.DEVICE", regime["device"]] if "device" in regime else [])
 
 
 def plan(regimes: Sequence[str], seeds: Sequence[int]) -> List[Run]:
@@ -457,6 +463,45 @@ def recorded_seeds(records_root: str, regime: str) -> List[int]:
     return sorted(seeds)
 
 
+def estimate(runs: Sequence[Run2], iters: int, jobs: int) -> str:
+    """A measured time estimate of ``runs`` on this machine's device: each distinct batch trains
+    ``iters`` iterations (MegDet's settings, no evaluation) on a 2,048-image set; the per-iteration
+    time (detectron2's ``time`` of the last iterations, metrics.json) times each run's
+    iterations, plus each run's measured start-up (wall time − iterations × per-iteration time).
+    Returns the table and the total, serial and with ``jobs`` runs at a time (a lower bound:
+    runs sharing one device slow each other)."""
+    import subprocess
+    import tempfile
+
+    per_batch = {}
+    for batch in sorted({x.batch for x in runs}):
+        x = next(r for r in runs if r.batch == batch)
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, TRAIN_NET, "--config-file", STAGE2_CONFIGS["megdet"], "OUTPUT_DIR", out,
+                   *stage2_opts(REGIMES[x.regime], batch, "megdet", 0), "SOLVER.MAX_ITER", str(iters),
+                   "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "1000000"]
+            env = dict(os.environ, AGVM_SHAPES_NUM_TRAIN="2048")
+            t0 = time.time()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.time() - t0
+            rows = [r for r in read_metrics(out) if "time" in r]
+            if proc.returncode != 0 or not rows:
+                raise RuntimeError(f"timing batch {batch} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        step = float(rows[-1]["time"])
+        per_batch[batch] = (step, max(0.0, wall - iters * step))
+    lines = ["| batch | s / iteration | start-up s | runs | iterations per run | run time (min) |", "|---|---|---|---|---|---|"]
+    total = 0.0
+    for batch, (step, startup) in per_batch.items():
+        n = sum(x.batch == batch for x in runs)
+        its = schedule(REGIMES[runs[0].regime], batch)["iters"]
+        minutes = (its * step + startup) / 60
+        total += n * minutes
+        lines.append(f"| {batch} | {step:.4f} | {startup:.0f} | {n} | {its} | {minutes:.1f} |")
+    lines += ["", f"{len(runs)} runs: {total:.1f} min one at a time, ≥ {total / max(1, jobs):.1f} min with {jobs} at a time "
+              f"(measured with {iters} iterations per batch on {runner.machine()})"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regimes", nargs="+", default=None, choices=sorted(REGIMES),
@@ -471,6 +516,9 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the committed records")
     p.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1 (default): choose the regime; 2: compare")
     p.add_argument("--regime", choices=sorted(REGIMES), default=None, help="stage 2: the regime stage 1 chose")
+    p.add_argument("--estimate", type=int, default=0, metavar="N",
+                   help="stage 2: time N iterations of each batch of the plan on this machine's device and print the "
+                        "plan's projected wall time; trains nothing of the plan (default 0: off)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
                    help="stage 2: the file whose results block (evidence:begin/end markers) gets the stage-2 tables "
                         "(default: the repository's README.md)")
@@ -480,6 +528,9 @@ def main(argv=None) -> int:
         if args.regime is None:
             p.error("--stage 2 needs --regime (the regime stage 1 accepted, or the one that came closest)")
         runs2 = plan2(args.regime, args.seeds)
+        if args.estimate:
+            print(estimate([x for x in runs2 if x.group == "scaling"], args.estimate, args.jobs))
+            return 0
         report2 = os.path.join(args.records, "stage2.md")
         readme = args.readme
 

@@ -3,6 +3,7 @@
 Kept importable (not inside the test module) so that spawned processes can unpickle it.
 """
 
+import contextlib
 import os
 
 import torch
@@ -103,6 +104,21 @@ def run(rank, world, port, out_dir, iters, interval, mode):
 MINI_AGVM = "projects/faster_rcnn/configs/mini/faster_rcnn_R18_FPN_shapes_agvm.yaml"
 
 
+@contextlib.contextmanager
+def _stock_ddp_on_cpu():
+    """detectron2's DefaultTrainer (the reference here) passes ``device_ids=[local_rank]`` to DDP,
+    which CPU modules reject: inside this block its ``create_ddp_model`` gets ``device_ids=None``.
+    (The test's reference only: AGVMTrainer builds its DDP model itself.)"""
+    import detectron2.engine.defaults as defaults
+
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = lambda model, **kw: original(model, **{**kw, "device_ids": None})
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
+
+
 def run_detector(rank, world, port, out_dir, mode, datasets):
     """The mini detector for 4 iterations under DDP (gloo). mode: "agvm" (comm hook), "plain"
     (AGVMTrainer, AGVM disabled), "stock" (detectron2's DefaultTrainer), "agvm_inf" (AGVM, with
@@ -115,7 +131,6 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
 
     from agvm.detectron2 import AGVMTrainer, default_argument_parser, setup_cfg
     from agvm.detectron2.launch import _init
-    from agvm.detectron2.defaults import _cpu_capable_ddp
 
     _init("gloo", f"tcp://127.0.0.1:{port}", world, rank, rank, world, DEFAULT_TIMEOUT)
     torch.set_num_threads(1)
@@ -135,7 +150,7 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
         opts += ["INPUT.RANDOM_FLIP", "none"]
     cfg = setup_cfg(default_argument_parser().parse_args(["--config-file", MINI_AGVM, *opts]))
     if mode == "stock":
-        with _cpu_capable_ddp():
+        with _stock_ddp_on_cpu():
             trainer = DefaultTrainer(cfg)
     else:
         trainer = AGVMTrainer(cfg)
