@@ -170,11 +170,12 @@ def run_detector(rank, world, port, out_dir, mode, datasets):
     trainer.resume_or_load(resume=False)
     trainer.train()
     model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    hook = getattr(trainer.stepper, "hook_state", None)
+    inner = getattr(trainer, "stepper", None) or trainer._trainer  # AGVMTrainer or the stock reference
+    hook = getattr(inner, "hook_state", None)
     torch.save(
         {"params": [p.detach().clone() for p in model.parameters()], "hook": hook is not None, "checks": checks,
          "skipped": getattr(getattr(trainer.optimizer, "modulator", None), "skipped", None),
-         "nonfinite_total": getattr(trainer.stepper, "nonfinite_total", None),
+         "nonfinite_total": getattr(inner, "nonfinite_total", None),
          "optimizer": trainer.optimizer.state_dict()},
         os.path.join(out_dir, f"det_{mode}_{rank}.pt"),
     )

@@ -17,9 +17,9 @@ from ..core.optim import AGVM, MODULE_KEY
 from ..solver import PMDLamb
 from .checks import check_agvm_config
 from .config import OPTIMIZERS, agvm_kwargs, setting_error
-from .groups import group_parameters
+from .groups import _unwrap, group_parameters
 
-__all__ = ["build_agvm_optimizer", "build_clip_fn", "agvm_param_groups"]
+__all__ = ["build_agvm_optimizer", "build_clip_fn", "agvm_param_groups", "tag_param_groups", "wrap_in_agvm"]
 
 #: Optimizers with a layer-wise trust ratio (SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM applies).
 TRUST_RATIO_OPTIMIZERS = ("LARS", "LAMB", "PMD_LAMB")
@@ -35,7 +35,6 @@ def agvm_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, An
     later merging cannot put two modules into one group. Groups come anchor module first.
     """
     modules = group_parameters(model, [tuple(r) for r in cfg.SOLVER.AGVM.GROUPS], cfg.SOLVER.AGVM.ANCHOR)
-    module_of = {id(p): name for name, params in modules.items() for p in params}
     d2_groups = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -45,18 +44,36 @@ def agvm_param_groups(cfg: CfgNode, model: torch.nn.Module) -> List[Dict[str, An
     )
     trust_ratio = cfg.SOLVER.OPTIMIZER in TRUST_RATIO_OPTIMIZERS
     exclude = trust_ratio and cfg.SOLVER.TRUST_RATIO_EXCLUDE_BIAS_NORM
+
+    def adjust(p, name, hyper):
+        if trust_ratio:
+            # timm's Lars/Lamb adapt a group iff weight_decay != 0 or always_adapt
+            excluded = exclude and p.ndim <= 1
+            hyper["always_adapt"] = not excluded
+            if excluded:
+                hyper["weight_decay"] = 0.0
+
+    return tag_param_groups(model, d2_groups, modules, adjust)
+
+
+def tag_param_groups(model: torch.nn.Module, d2_groups, modules, adjust=None) -> List[Dict[str, Any]]:
+    """``d2_groups`` (detectron2's parameter groups of ``model``) regrouped per (AGVM module,
+    hyper-parameters), each tagged with its module under ``"agvm_module"``, anchor module first.
+
+    ``modules``: :func:`group_parameters`'s ``{module: [parameters]}`` (parameters not in it,
+    i.e. frozen ones, are left out). ``adjust(param, name, hyper)``: optional, may change the
+    hyper-parameters of one parameter in place (``name``: its name in ``model``), e.g. a
+    per-parameter lr factor; parameters whose hyper-parameters then differ get groups of their own."""
+    module_of = {id(p): name for name, params in modules.items() for p in params}
+    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
     merged: Dict[tuple, Dict[str, Any]] = {}
     for group in d2_groups:
         for p in group["params"]:
             if id(p) not in module_of:  # frozen parameters are not optimised
                 continue
             hyper = {k: v for k, v in group.items() if k != "params"}
-            if trust_ratio:
-                # timm's Lars/Lamb adapt a group iff weight_decay != 0 or always_adapt
-                excluded = exclude and p.ndim <= 1
-                hyper["always_adapt"] = not excluded
-                if excluded:
-                    hyper["weight_decay"] = 0.0
+            if adjust is not None:
+                adjust(p, names[id(p)], hyper)
             module = module_of[id(p)]
             key = (module,) + tuple(sorted((k, _hashable(v)) for k, v in hyper.items()))
             if key not in merged:
@@ -112,9 +129,15 @@ def build_agvm_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
     if not s.AGVM.ENABLED:
         return optimizer
     try:
-        wrapped = AGVM(optimizer, **agvm_kwargs(cfg))
+        return wrap_in_agvm(optimizer, agvm_kwargs(cfg))
     except SettingError as e:
         raise setting_error(cfg, e) from None
+
+
+def wrap_in_agvm(optimizer: torch.optim.Optimizer, kwargs: Dict[str, Any]) -> AGVM:
+    """``optimizer`` (module-tagged groups) wrapped in :class:`agvm.AGVM` with the core
+    arguments ``kwargs``; logs the modules and their sizes. Raises the core's SettingError."""
+    wrapped = AGVM(optimizer, **kwargs)
     sizes = {m: sum(p.numel() for p in ps) for m, ps in wrapped.params_by_module().items()}
     logger.info(
         "AGVM modules (parameters): "

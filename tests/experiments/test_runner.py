@@ -16,7 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: ``EXIT n`` exits with n, ``DIVERGE 1`` stops as detectron2 does on a non-finite loss.
 FAKE_TRAIN_NET = '''
 import json, os, sys
-from projects_util import load_script
 argv = sys.argv[1:]
 i = argv.index("OUTPUT_DIR")
 out, opts = argv[i + 1], dict(zip(argv[i + 2::2], argv[i + 3::2]))
