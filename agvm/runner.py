@@ -137,12 +137,12 @@ def progress_line(out_dir: str, elapsed_s: float) -> Optional[str]:
         return None
     it = last["iteration"] + 1
     max_iter = None
-    try:
-        import yaml
+    import yaml
 
+    try:
         with open(os.path.join(out_dir, "config.yaml")) as f:
             max_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
-    except (OSError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):  # a LazyConfig's: python tags, no SOLVER
         pass
     loss = last["total_loss"]
     text = f"iter {it}" + (f"/{max_iter}" if max_iter else "") + (f", loss {loss:.3f}" if isinstance(loss, (int, float)) else "")

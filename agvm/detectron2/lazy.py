@@ -59,6 +59,8 @@ LAZY_NAMES = {
     "SOLVER.AMP.ENABLED": "train.amp.enabled",
     "SOLVER.DDP_FP16_COMPRESSION": "train.ddp.fp16_compression",
     "MODEL.DEVICE": "train.device",
+    **{f"SOLVER.CLIP_GRADIENTS.{k}": f"train.clip_gradients.{k.lower()}"
+       for k in ("ENABLED", "CLIP_TYPE", "CLIP_VALUE", "NORM_TYPE", "ITER_RANGE")},
 }
 
 

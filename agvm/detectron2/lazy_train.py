@@ -12,9 +12,11 @@ checks with the yacs path's ``validate_config`` (messages name the LazyConfig ke
 LazyConfig itself is ``self.lazy``.
 
 LazyConfig keys read besides detectron2's (``train.*`` of ``common/train.py``): ``optimizer.agvm``
-and ``optimizer.warmup_iters`` (see :mod:`.lazy`), ``train.grad_accum_steps`` (default 1) and
-``train.max_consecutive_nonfinite`` (default 5). ``train.ddp``: only ``fp16_compression`` is
-used (DDP runs with ``broadcast_buffers=False``, as the yacs path). The train loader is
+and ``optimizer.warmup_iters`` (see :mod:`.lazy`), ``train.grad_accum_steps`` (default 1),
+``train.max_consecutive_nonfinite`` (default 5) and ``train.clip_gradients``
+(``SOLVER.CLIP_GRADIENTS.*`` in lower case, e.g. ``dict(enabled=True, clip_type="full_model",
+clip_value=1.0, iter_range=(820, 1020))``: clipping in that window). ``train.ddp``: only
+``fp16_compression`` is used (DDP runs with ``broadcast_buffers=False``, as the yacs path). The train loader is
 detectron2's: a resumed run continues optimizer, μ, scheduler and RNG but not the data stream
 (as stock detectron2).
 """
@@ -30,6 +32,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .build import build_clip_fn
 from .checkpoint import SafeCheckpointer
 from .checks import validate_config
 from .defaults import AGVMTrainer
@@ -58,9 +61,22 @@ def _optimizer_name(cfg) -> str:
     return "AdamW" if isinstance(cls, type) and issubclass(cls, _OPTIMIZERS["AdamW"]) else "SGD"
 
 
+#: ``train.clip_gradients`` keys (SOLVER.CLIP_GRADIENTS.*, lower case; ``iter_range``: the window)
+CLIP_KEYS = ("enabled", "clip_type", "clip_value", "norm_type", "iter_range")
+
+
+def _clip_keys(train) -> dict:
+    clip = dict(train.get("clip_gradients", None) or {})
+    for key in clip:
+        if key not in CLIP_KEYS:
+            raise ValueError(f"train.clip_gradients.{key}: unknown key (known: {', '.join(CLIP_KEYS)})")
+    return {f"CLIP_GRADIENTS.{k.upper()}": (tuple(v) if k == "iter_range" else v) for k, v in clip.items()}
+
+
 def trainer_view(cfg):
     """The yacs view of LazyConfig ``cfg``: the keys the yacs path's checks and
-    ``AGVMTrainer``'s methods read, from their LazyConfig counterparts (:data:`.lazy.LAZY_NAMES`)."""
+    ``AGVMTrainer``'s methods read, from their LazyConfig counterparts (:data:`.lazy.LAZY_NAMES`;
+    ``train.clip_gradients``: SOLVER.CLIP_GRADIENTS.*)."""
     train = cfg.train
     return settings_view(
         cfg.optimizer.get("agvm", None), warmup_iters(cfg), _optimizer_name(cfg),
@@ -71,7 +87,7 @@ def trainer_view(cfg):
         **{"AMP.ENABLED": train.get("amp", {}).get("enabled", False),
            "DDP_FP16_COMPRESSION": train.get("ddp", {}).get("fp16_compression", False),
            "MODEL.DEVICE": train.get("device", "cuda"), "MODEL.WEIGHTS": train.get("init_checkpoint", "") or "",
-           "OUTPUT_DIR": train.output_dir},
+           "OUTPUT_DIR": train.output_dir, **_clip_keys(train)},
     )
 
 
@@ -89,8 +105,9 @@ def validate_lazy_config(cfg, world_size=None):
 
 def do_test(cfg, model):
     """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (as
-    detectron2's ``lazyconfig_train_net.py``); ``{}`` without an evaluator."""
-    if "evaluator" not in cfg.dataloader:
+    detectron2's ``lazyconfig_train_net.py``); ``{}`` without an evaluator (none, or
+    ``dataloader.evaluator=null``: no evaluation)."""
+    if cfg.dataloader.get("evaluator", None) is None:
         return {}
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
@@ -115,8 +132,10 @@ class LazyAGVMTrainer(AGVMTrainer):
         self.optimizer = instantiate(cfg.optimizer)
         data_loader = instantiate(cfg.dataloader.train)
         self.model, hook_state = self.build_ddp_model(view, model, self.optimizer)
+        clip = (build_clip_fn(view), tuple(view.SOLVER.CLIP_GRADIENTS.ITER_RANGE)) if view.SOLVER.CLIP_GRADIENTS.ENABLED else None
         self.stepper = AGVMStepTrainer(self.model, data_loader, self.optimizer, accum_steps=view.SOLVER.GRAD_ACCUM_STEPS,
-                                       amp=view.SOLVER.AMP.ENABLED, max_nonfinite=view.SOLVER.MAX_CONSECUTIVE_NONFINITE)
+                                       clip=clip, amp=view.SOLVER.AMP.ENABLED,
+                                       max_nonfinite=view.SOLVER.MAX_CONSECUTIVE_NONFINITE)
         self.stepper.hook_state = hook_state
         self.scheduler = instantiate(cfg.lr_multiplier)
         self.checkpointer = SafeCheckpointer(self.model, view.OUTPUT_DIR, per_rank=RankRNG(),

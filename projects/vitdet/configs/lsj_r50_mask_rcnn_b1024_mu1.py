@@ -1,0 +1,20 @@
+"""LSJ R50-FPN Mask R-CNN (common/lsj_r50_100ep.py) at batch 1024, SGD with AGVM in MEASURE_ONLY mode
+(Φ logged, μ held at 1): the μ = 1 twin of lsj_r50_mask_rcnn_b1024_agvm.py.
+
+Square-root LR rule from the recipe's (64, 0.1): lr 0.4; 100 epochs = 11524 iterations, LR ×0.1 at
+10243 and 11097; exponential warm-up 230 iterations from 0.001; AGVM from iteration 330
+(α = 0.97, τ = 10); whole-model gradient norm clipped to 1.0 in [130, 330]; 8 GPUs ×
+8 images × 16 accumulation steps (``train.grad_accum_steps``). See vitdet/large_batch.py.
+
+    python projects/vitdet/train_net.py --config-file projects/vitdet/configs/lsj_r50_mask_rcnn_b1024_mu1.py --num-gpus 8
+"""
+
+import os
+import sys
+
+from .common.lsj_r50_100ep import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # projects/vitdet
+from vitdet.large_batch import to_large_batch  # noqa: E402
+
+to_large_batch(globals(), batch=1024, agvm=False, name="lsj_r50_mask_rcnn_b1024_mu1", per_gpu=8)
