@@ -298,22 +298,52 @@ def test_run_experiment_runs_as_a_script():
     assert bad.returncode == 2 and "LOSS_KEEP" in bad.stderr, bad.stderr[-2000:]
 
 
-def test_script_dry_run_lists_four_commands(capsys):
+def test_script_dry_run_lists_a_run_per_seed_and_variant(capsys, tmp_path):
     script = _script()
-    assert script.main(["--dry-run", "--python", "python", "--max-iter", "7"]) == 0
+    assert script.main(["--dry-run", "--python", "python", "--max-iter", "7", "--results", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4
-    for line, v in zip(lines, VARIANTS):
-        assert line == (f"python projects/effective_batch/train_net.py --config-file "
+    assert len(lines) == 12  # seed-major: a seed's four variants finish together
+    regime = ("SOLVER.MAX_ITER 100 SOLVER.GRAD_ACCUM_STEPS 2 SOLVER.AGVM.INTERVAL 1 INPUT.MIN_SIZE_TRAIN '(64,)' "
+              "INPUT.MAX_SIZE_TRAIN 64 INPUT.MIN_SIZE_TEST 64 INPUT.MAX_SIZE_TEST 64 DATALOADER.NUM_WORKERS 0")
+    for line, (seed, v) in zip(lines, [(s, v) for s in (0, 1, 2) for v in VARIANTS]):
+        assert line == (f"AGVM_SHAPES_NUM_TRAIN=1600 python projects/effective_batch/train_net.py --config-file "
                         f"projects/effective_batch/configs/{v}.yaml --num-gpus 1 "
-                        f"OUTPUT_DIR output/effective_batch/{v} SOLVER.MAX_ITER 7")
+                        f"OUTPUT_DIR output/effective_batch/{v}_s{seed} {regime} SEED {seed} SOLVER.MAX_ITER 7")
+    assert script.main(["--dry-run", "--python", "python", "--seeds", "4", "--results", str(tmp_path), "masked"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[0].endswith("OUTPUT_DIR output/effective_batch/masked_s4 "
+                                                                    f"{regime} SEED 4")
     with pytest.raises(SystemExit) as e:
         script.main(["--dry-run", "nope"])
     assert e.value.code == 2
-    assert script.main(["--dry-run", "--", "MODEL.EFFECTIVE_BATCH.LOSS_KEEP", "1.5"]) == 2
+    with pytest.raises(SystemExit) as e:
+        script.main(["--dry-run", "--seeds", "1", "1"])
+    assert e.value.code == 2
+    assert script.main(["--dry-run", "--results", str(tmp_path), "--", "MODEL.EFFECTIVE_BATCH.LOSS_KEEP", "1.5"]) == 2
 
 
-def _fake_run(folder, backbone, head, neck=None, wall_s=12.5, loss=1.25):
+def test_a_later_run_extends_the_recorded_runs(capsys, tmp_path):
+    """A run recorded in <results>/runs/<run> with the plan's fingerprint is not run again; one
+    recorded with other settings is (the training-set size counts, though it is no config key)."""
+    exp, script = _experiment(), _script()
+    runs = exp.plan("output/effective_batch", records=str(tmp_path / "runs"))
+    assert runs[0].name == "shared_s0" and runs[0].records == str(tmp_path / "runs" / "shared_s0")
+    assert runs[0].env == {"AGVM_SHAPES_NUM_TRAIN": "1600"} and runs[0].info["seed"] == 0
+    from agvm.runner import config_fingerprint
+
+    assert runs[0].fingerprint != config_fingerprint(os.path.join(ROOT, runs[0].config), [*runs[0].flags, *runs[0].opts])
+    for run, fingerprint in ((runs[0], runs[0].fingerprint), (runs[1], "another config")):
+        os.makedirs(run.records)
+        with open(os.path.join(run.records, "agvm_run.json"), "w") as f:
+            json.dump({"returncode": 0, "fingerprint": fingerprint, "wall_s": 1.0}, f)
+    assert script.main(["--dry-run", "--python", "python", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 11 and not any("OUTPUT_DIR output/effective_batch/shared_s0 " in x for x in lines)
+    assert "skip shared_s0: finished" in out.err and "stale unshared_s0" in out.err
+    assert exp.recorded_seeds(str(tmp_path / "runs")) == [0]
+
+
+def _fake_run(folder, backbone, head, neck=None, wall_s=12.5, loss=1.25, returncode=0):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         for i, (b, h) in enumerate(zip(backbone, head)):
@@ -323,37 +353,121 @@ def _fake_run(folder, backbone, head, neck=None, wall_s=12.5, loss=1.25):
             f.write(json.dumps(row) + "\n")
         f.write(json.dumps({"iteration": 2 * len(backbone) - 1, "total_loss": loss}) + "\n")
     with open(os.path.join(folder, "agvm_run.json"), "w") as f:
-        json.dump({"command": f"python train {os.path.basename(folder)}", "returncode": 0, "wall_s": wall_s,
-                   "machine": "test machine"}, f)
+        json.dump({"command": f"python train {os.path.basename(folder)}", "returncode": returncode, "wall_s": wall_s,
+                   "machine": "test machine", "train_images": 1600}, f)
 
 
-def test_report_from_fake_metrics(tmp_path):
+def test_summary_of_one_run_from_fake_metrics(tmp_path):
     script = _experiment()  # the plan and report run_experiment.py runs
 
-    root = tmp_path / "out"
-    _fake_run(root / "shared", [0.8, 0.6, 0.4, 0.2], [0.2, 0.2, 0.1, 0.1], neck=0.5)
-    _fake_run(root / "masked", [0.5, 0.5, 0.5], [0.25, 0.5, 0.4], neck=0.7, wall_s=90.0)
-    s = script.summarize(str(root / "shared"))
-    assert s["estimates"] == 4 and s["iterations"] == 8 and s["last_loss"] == 1.25
+    _fake_run(tmp_path / "shared_s0", [0.8, 0.6, 0.4, 0.2], [0.2, 0.2, 0.1, 0.1], neck=0.5)
+    _fake_run(tmp_path / "masked_s0", [0.5, 0.5, 0.5], [0.25, 0.5, 0.4], neck=0.7, wall_s=90.0)
+    s = script.summarize(str(tmp_path / "shared_s0"))
+    assert s["estimates"] == 4 and s["iterations"] == 8 and s["last_loss"] == 1.25 and s["outcome"] == "finished"
     assert s["phi"]["backbone"] == pytest.approx(0.5) and s["phi"]["dense_head"] == pytest.approx(0.15)
     assert s["ratio"] == pytest.approx(0.3) and s["ratio_last"] == pytest.approx(0.1 / 0.3)
     each = [0.25, 1 / 3, 0.25, 0.5]  # Φ_head / Φ_backbone at each estimate
     assert [r for _, r in s["ratios"]] == pytest.approx(each) and s["ratio_each"] == pytest.approx(sum(each) / 4)
     mean = sum(each) / 4
     assert s["ratio_each_se"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in each) / 3 / 4))
-    m = script.summarize(str(root / "masked"))  # last half of 3 estimates: the last 2
+    m = script.summarize(str(tmp_path / "masked_s0"))  # last half of 3 estimates: the last 2
     assert m["ratio"] == pytest.approx(((0.25 + 0.5 + 0.4) / 3) / 0.5)
     assert m["ratio_last"] == pytest.approx(0.45 / 0.5)
-    path = script.write_report(str(root), str(tmp_path / "res"), "python projects/effective_batch/run_experiment.py")
+    assert script.summarize(str(tmp_path / "absent"))["outcome"] == "missing"
+
+
+def test_mean_se():
+    mean_se = _experiment().mean_se
+    assert mean_se([]) == (None, None) and mean_se([2.0]) == (2.0, None)
+    m, se = mean_se([1.0, 2.0, 3.0, float("nan"), None])
+    assert m == 2.0 and se == pytest.approx(1 / math.sqrt(3))
+
+
+def test_t95():
+    t95 = _experiment().t95
+    assert t95(1) == 12.706 and t95(2) == 4.303 and t95(10) == 2.228
+    for df, expected in ((11, 2.2010), (20, 2.0860), (30, 2.0423), (60, 2.0003), (1000, 1.9623)):
+        assert t95(df) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(ValueError):
+        t95(0)
+
+
+def _fake_grid(records):
+    """Three seeds of shared, masked, unshared (its seed 2 failed); backbone Φ 1, so the ratios are the head's Φ."""
+    heads = {"shared": [[0.5, 0.7], [0.6, 0.8], [0.7, 0.9]],  # run means 0.6, 0.7, 0.8
+             "masked": [[0.8, 0.8], [0.9, 0.9], [0.8, 1.0]],  # 0.8, 0.9, 0.9
+             "unshared": [[0.6, 0.6], [0.8, 0.8], [0.1, 0.1]]}  # 0.6, 0.8, (failed)
+    for variant, per_seed in heads.items():
+        for seed, head in enumerate(per_seed):
+            _fake_run(records / f"{variant}_s{seed}", [1.0, 1.0], head, neck=0.5,
+                      returncode=1 if (variant, seed) == ("unshared", 2) else 0)
+
+
+def test_difference_from_the_shared_head_on_fake_numbers(tmp_path):
+    exp = _experiment()
+    _fake_grid(tmp_path)
+    stats = {v: exp.variant_stats({s: exp.summarize(str(tmp_path / f"{v}_s{s}")) for s in (0, 1, 2)})
+             for v in ("shared", "masked", "unshared")}
+    shared, masked, unshared = stats["shared"], stats["masked"], stats["unshared"]
+    assert list(shared["run_means"].values()) == pytest.approx([0.6, 0.7, 0.8])
+    assert shared["seed_mean"] == pytest.approx(0.7) and shared["seed_se"] == pytest.approx(0.1 / math.sqrt(3))
+    # pooled: 0.5 0.7 0.6 0.8 0.7 0.9, squared deviations sum to 0.1: s.e. = √(0.1 / 5 / 6)
+    assert shared["pooled_mean"] == pytest.approx(0.7) and shared["pooled_se"] == pytest.approx(math.sqrt(0.1 / 30))
+    assert shared["estimates"] == 6 and shared["phi"]["backbone"] == 1.0 and shared["phi"]["neck"] == 0.5
+    assert unshared["seeds"] == [0, 1] and unshared["estimates"] == 4  # the failed seed 2 is left out
+    d = exp.difference(masked, shared)
+    assert list(d["per_seed"]) == [0, 1, 2] and list(d["per_seed"].values()) == pytest.approx([0.2, 0.2, 0.1])
+    assert d["paired_mean"] == pytest.approx(0.5 / 3) and d["paired_se"] == pytest.approx(1 / 30)
+    assert d["pooled"] == pytest.approx(5.2 / 6 - 0.7) and d["above"] == 3
+    # masked pooled: squared deviations from 5.2/6 sum to 1/30, so s.e.² = 1/30/5/6; shared's 0.1/30
+    assert d["pooled_se"] == pytest.approx(math.sqrt(1 / 900 + 0.1 / 30)) and d["pooled_se"] == pytest.approx(1 / 15)
+    u = exp.difference(unshared, shared)  # paired on the seeds both have
+    assert list(u["per_seed"].values()) == pytest.approx([0.0, 0.1]) and u["above"] == 1
+    assert u["paired_mean"] == pytest.approx(0.05) and u["paired_se"] == pytest.approx(0.05)
+
+
+def test_report_from_fake_records(tmp_path):
+    exp = _experiment()
+    records = tmp_path / "runs"
+    _fake_grid(records)
+    path = exp.write_report(str(records), str(tmp_path))
     text = open(path).read()
-    shared_row = next(line for line in text.splitlines() if line.startswith("| shared |"))
-    assert "| 0.500 | 0.500 | 0.150 | 0.300 | 0.333 | 0.333 ± 0.059 | 4 | 1.250 | 0.2 min | ok |" in shared_row
-    masked_row = next(line for line in text.splitlines() if line.startswith("| masked |"))
-    assert "| 0.500 | 0.700 | 0.383 | 0.767 | 0.900 | 0.767 ± 0.145 | 3 |" in masked_row and "1.5 min" in masked_row
-    assert next(line for line in text.splitlines() if line.startswith("| no_fpn |")).endswith("| missing |")
-    assert "`python train shared`" in text and "test machine" in text
-    assert "Command: `python projects/effective_batch/run_experiment.py`" in text
-    assert os.path.getsize(tmp_path / "res" / "phi.png") > 1000
+    lines = text.splitlines()
+    row = next(x for x in lines if x.startswith("| masked |"))
+    assert row.endswith("| 3 | 6 | 1.000 | 0.500 | 0.867 | 0.800 / 0.900 / 0.900 | 0.867 ± 0.033 | 0.867 ± 0.033 | no / no |")
+    assert "| masked | +0.200 / +0.200 / +0.100 | +0.167 ± 0.033 | +0.167 ± 0.067 | 3 of 3 |" in lines
+    assert "| unshared | +0.000 / +0.100 / — | +0.050 ± 0.050 | +0.000 ± 0.082 | 1 of 2 |" in lines
+    assert ("- `masked` − `shared`: +0.167 ± 0.033 over 3 seeds, 95 % interval [+0.023, +0.310] (t, 2 degrees of "
+            "freedom), above on 3 of 3 seeds: higher than `shared` (towards 1); pooled over the estimates "
+            "+0.167 ± 0.067.") in lines
+    assert ("- `unshared` − `shared`: +0.050 ± 0.050 over 2 seeds, 95 % interval [-0.585, +0.685] (t, 1 degrees of "
+            "freedom), above on 1 of 2 seeds: not distinguishable from `shared` at 95 %; pooled over the "
+            "estimates +0.000 ± 0.082.") in lines
+    assert "- `no_fpn`: fewer than two seeds with both runs, no error estimate." in lines
+    assert next(x for x in lines if x.startswith("| no_fpn |")).startswith("| no_fpn | no FPN: ResNet only, head on one level | 0 | 0 |")
+    assert next(x for x in lines if x.startswith("| unshared_s2 |")).endswith("| failed |")
+    assert next(x for x in lines if x.startswith("| no_fpn_s1 |")).endswith("| missing |")
+    assert "Target s.e. ≤ 0.02 of each variant's mean ratio — over seeds: met by none; not by shared (0.058)" in text
+    assert "python train shared_s0   # exit 0, 12.5 s" in lines and "Machine: test machine" in lines and "No run's config.yaml recorded yet." in text
+    assert os.path.getsize(tmp_path / "phi.png") > 1000
+    again = tmp_path / "again"
+    assert open(exp.write_report(str(records), str(again))).read() == text  # the records alone decide the text
+
+
+def test_report_regenerates_from_the_committed_records(tmp_path):
+    """`run_experiment.py --report-only` on a copy of the committed run records
+    (results/effective_batch/runs/) writes the committed results/effective_batch/README.md byte for byte."""
+    import shutil
+
+    committed = os.path.join(ROOT, "results", "effective_batch")
+    assert os.path.isdir(os.path.join(committed, "runs")), "no run records under results/effective_batch/runs"
+    copy = tmp_path / "effective_batch"
+    shutil.copytree(os.path.join(committed, "runs"), copy / "runs")
+    out = subprocess.run([sys.executable, os.path.join(PROJECT, "run_experiment.py"), "--report-only", "--results",
+                          str(copy)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(os.path.join(committed, "README.md")) as f:
+        assert (copy / "README.md").read_text() == f.read()
 
 
 def test_a_new_run_starts_from_a_clean_folder(tmp_path):
