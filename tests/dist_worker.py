@@ -46,6 +46,28 @@ def make_optimizer(groups, adam=False):
     return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
 
 
+def phi_on_halves(opt, g1, g2, iteration, keep_state=False):
+    """Φ per module as one process measures it on given halves: AGVM's own single-process
+    measurement (:meth:`agvm.AGVM.stash_first_half`, :meth:`~agvm.AGVM.finish_second_half`) with
+    each parameter's gradient set to its first half's mean ``g1[id(p)]``, then its second half's
+    ``g2[id(p)]`` (a missing entry: a zero gradient). Adam-preconditioned when ``opt.precondition``,
+    with the optimizer's current second moment (before this iteration's step) — the reference of
+    the DDP tests with and without Adam. Every ``p.grad`` is None afterwards. ``keep_state``: μ
+    and the modulator's counters are put back (a reference taken beside a real run, whose own
+    step then updates them); otherwise μ is updated as the real run's would be."""
+    saved = opt.modulator.state_dict() if keep_state else None
+    params = [p for ps in opt.params_by_module().values() for p in ps]
+    for p in params:
+        p.grad = g1[id(p)].clone() if id(p) in g1 else torch.zeros_like(p)
+    opt.stash_first_half()
+    for p in params:
+        p.grad = g2[id(p)].clone() if id(p) in g2 else torch.zeros_like(p)
+    phi = opt.finish_second_half(iteration)["phi"]
+    if saved is not None:
+        opt.modulator.load_state_dict(saved)
+    return phi
+
+
 def run(rank, world, port, out_dir, iters, interval, mode):
     """mode: "hook" (AGVM with the comm hook), "hook_plain" (hook, never estimating),
     "hook_measure" (hook estimating on AGVM iterations, AGVM with ``measure_only``: μ stays 1),
@@ -198,7 +220,11 @@ def die_on_rank_one():
 def _check_phi_against_gathered_gradients(trainer):
     """Before each AGVM step, compute every rank's local gradient on the same data and RNG
     state without DDP, gather them, and Φ per module from the two halves' means; after the
-    step, record (reference Φ, hook Φ) pairs."""
+    step, record (reference Φ, hook Φ) pairs. The reference holds per module ``m``: the cosine
+    of the raw half means (float64), ``m + "_meandiff"`` (the gathered mean against the step's
+    gradient), and with an Adam-preconditioning AGVM (``precondition``) ``m + "_adam"``: Φ as
+    one process measures it on the same two half means (:func:`phi_on_halves`, with the run's
+    optimizer and so its second moment at this iteration; μ left to the real step)."""
     from agvm.detectron2.resume import set_data_iterator
     from agvm.distributed import half_sizes
 
@@ -234,14 +260,21 @@ def _check_phi_against_gathered_gradients(trainer):
             agvm.zero_grad()
             torch.set_rng_state(rng)
         reference, means = {}, {}
+        halves = ({}, {})  # id(p) → the half's mean gradient (float32), for the Adam reference
         for m, grads in local.items():
             flat = torch.cat([g.reshape(-1) for g in grads])
             gathered = [torch.empty_like(flat) for _ in range(world)]
             dist.all_gather(gathered, flat)
             means[m] = sum(gathered) / world
-            g1 = (sum(gathered[:n_a]) / n_a).double()  # an exact reference: float64 throughout
-            g2 = (sum(gathered[n_a:]) / (world - n_a)).double()
+            h1, h2 = sum(gathered[:n_a]) / n_a, sum(gathered[n_a:]) / (world - n_a)
+            g1, g2 = h1.double(), h2.double()  # an exact reference: float64 throughout
             reference[m] = 1.0 - float(g1 @ g2 / (g1.norm() * g2.norm()))
+            for half, h in zip(halves, (h1, h2)):
+                half.update((id(p), part.view_as(p)) for p, part in zip(agvm.params_by_module()[m],
+                                                                        h.split([g.numel() for g in grads])))
+        if agvm.precondition:
+            for m, phi in phi_on_halves(agvm, *halves, step.iter, keep_state=True).items():
+                reference[m + "_adam"] = phi
         # the step's own mean gradient vs the mean of the gathered local gradients
         saved_step = agvm.step
         captured = {}

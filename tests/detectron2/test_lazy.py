@@ -1,6 +1,8 @@
 """The LazyConfig path: the optimizer builder (groups, lr factor × μ), the ``optimizer.agvm`` node's
-checks, and the mini ViT detector trained through ``do_train`` with AGVM."""
+checks, and the mini ViT detector trained through ``do_train`` with AGVM: on one process, resumed
+after a crash, and under 2-process DDP (the hook's Φ, raw and Adam-preconditioned, against references)."""
 
+import copy
 import json
 import os
 import sys
@@ -194,3 +196,191 @@ def test_mini_vit_under_ddp_hook_phi_matches_the_gathered_reference(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(runs[0]["params"], runs[1]["params"]))
     rows = [json.loads(line) for line in open(tmp_path / "lazy" / "metrics.json")]
     assert sorted(r["iteration"] for r in rows if "agvm/phi/neck" in r) == [1, 3]
+
+
+@pytest.mark.ddp
+def test_mini_vit_under_ddp_adamw_preconditioned_phi_matches_single_process(tmp_path):
+    """World 2 on CPU (gloo) through the LazyConfig path with the config's AdamW and the default
+    ``optimizer.agvm.precondition`` ("auto": on for AdamW): the comm hook's Φ per module equals
+    the single-process measurement on the same two halves with the same Adam preconditioning
+    (rel ≤ 1e-5), and the ranks end bit-identical.
+
+    The reference is the yacs DDP test's (``test_adam_preconditioned_hook_matches_single_process``):
+    :func:`dist_worker.phi_on_halves`, AGVM's own ``stash_first_half``/``finish_second_half`` on
+    the half means. Here the halves are the two ranks' local gradients of the step's data and RNG
+    state, gathered; the second moment is the run's optimizer's at the estimate iteration, before
+    its step (what the yacs reference's own optimizer holds there; the ranks' are identical).
+    Measured worst relative error of Φ: 9.0e-8 (mask head, iteration 3); Φ preconditioned vs raw
+    differs by a factor up to ~25 (box head), so the raw-gradient reference could not pass."""
+    import torch.multiprocessing as mp
+
+    import lazy_worker
+    from agvm.runner import free_port
+
+    mp.start_processes(lazy_worker.run_lazy_detector,
+                       args=(2, free_port(), str(tmp_path), str(tmp_path / "datasets"), None),
+                       nprocs=2, start_method="spawn")
+    runs = [torch.load(tmp_path / f"lazy_{r}.pt") for r in range(2)]
+    assert all(r["hook"] and r["precondition"] and r["hook_precondition"] for r in runs)
+    checks = runs[0]["checks"]
+    assert [it for it, _, _ in checks] == [1, 3]
+    for it, reference, hooked in checks:
+        for m in MODULES:
+            assert reference[m + "_meandiff"] < 1e-5, (it, m, reference)  # the reference gradients are the step's
+            assert hooked[m] == pytest.approx(reference[m + "_adam"], rel=1e-5), (it, m, hooked[m], reference[m + "_adam"])
+    # the preconditioning changes Φ (else this test would not tell it from the raw-gradient one)
+    assert any(abs(ref[m + "_adam"] - ref[m]) > 1e-3 * ref[m] for _, ref, _ in checks for m in MODULES)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0]["params"], runs[1]["params"]))
+    rows = [json.loads(line) for line in open(tmp_path / "lazy" / "metrics.json")]
+    assert sorted(r["iteration"] for r in rows if "agvm/phi/neck" in r) == [1, 3]
+
+
+class _Interrupted(Exception):
+    """Raised by the resume test's hook: the training "crashes" after an iteration."""
+
+
+def _resume_cfg(out):
+    """The mini ViT for 6 iterations: AGVM estimates at 0, 2, 4 (momentum 0.5: a continued μ is
+    far from a restarted one), a checkpoint after iteration 2 (period 3; and 5, final)."""
+    cfg = mini(f"train.output_dir={out}", "train.max_iter=6", "train.log_period=1", "train.checkpointer.period=3",
+               "optimizer.agvm.start_iter=0", "optimizer.agvm.interval=2", "optimizer.agvm.momentum=0.5",
+               "dataloader.train.total_batch_size=2", "model.proposal_generator.post_nms_topk=[64,32]")
+    del cfg.dataloader.evaluator  # training only: no evaluation
+    return cfg
+
+
+def _same(a, b, path="state"):
+    """Assert ``a`` and ``b`` (nested dicts/lists/tuples of tensors and plain values) are
+    identical, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (path, sorted(map(str, a)), sorted(map(str, b)))
+        for k in a:
+            _same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_mini_vit_resumes_through_the_lazy_path(tiny_shapes, monkeypatch):
+    """``do_train`` with ``resume=True`` (``--resume``) after a crash continues the run: a run
+    interrupted after iteration 3, whose last checkpoint is iteration 2's, resumes at iteration 3
+    with the checkpoint's iteration counter, model, optimizer state (AdamW step counts and
+    moments), μ and modulator counters, LR schedule and this rank's RNG state (its file beside
+    the checkpoint), and ends with metrics.json holding one row per iteration 0..5 (the crashed
+    run's row 3 dropped, logged again by the resumed run).
+
+    Against an uninterrupted run (same seed): identical up to the checkpoint (rows 0-2, the
+    checkpoint's optimizer state and μ), the same μ and lr at iteration 3, and the same optimizer
+    step counts and number of μ updates at the end. NOT asserted, because the LazyConfig path
+    does not guarantee it: the same μ at the estimate after the resume (iteration 4). The
+    LazyConfig's train loader is detectron2's own (``build_detection_train_loader``), whose data
+    stream starts anew on resume (as stock detectron2; see :mod:`agvm.detectron2.lazy_train`),
+    so the resumed run's iteration 4 sees other images than the uninterrupted run's and its Φ
+    differs. What is asserted there instead: μ at iteration 4 is the modulator's update of the
+    *restored* μ with the Φ logged at 4 (μ continued, not restarted from 1)."""
+    from detectron2.engine import HookBase
+    from detectron2.utils.env import seed_all_rng
+
+    from agvm.core.modulator import GradientVarianceModulator
+    from agvm.detectron2.checkpoint import rank_state_file
+    from agvm.detectron2.lazy_train import LazyAGVMTrainer
+
+    def rows_of(out):
+        return [json.loads(line) for line in open(out / "metrics.json")]
+
+    def load(path):
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def run(out, resume):
+        seed_all_rng(0)  # what default_setup does with train.seed = 0 (lazy_main calls it)
+        return do_train(_resume_cfg(out), SimpleNamespace(resume=resume))
+
+    # the uninterrupted run
+    full = tiny_shapes / "full"
+    run(full, resume=False)
+    full_rows = rows_of(full)
+    assert [r["iteration"] for r in full_rows] == list(range(6))
+
+    # the same run, crashing after iteration 3 (after its row is written; last checkpoint: 2)
+    parted = tiny_shapes / "parted"
+
+    class Crash(HookBase):
+        def after_step(self):
+            if self.trainer.iter == 3:
+                raise _Interrupted()
+
+    build_hooks = LazyAGVMTrainer.build_hooks
+    with monkeypatch.context() as m:
+        m.setattr(LazyAGVMTrainer, "build_hooks", lambda self: build_hooks(self) + [Crash()])
+        with pytest.raises(_Interrupted):
+            run(parted, resume=False)
+    checkpoint = parted / "model_0000002.pth"
+    assert (parted / "last_checkpoint").read_text() == checkpoint.name
+    assert os.path.isfile(rank_state_file(str(checkpoint), 0))  # this rank's RNG beside the checkpoint
+    assert not (parted / "model_final.pth").exists()
+    assert [r["iteration"] for r in rows_of(parted)] == [0, 1, 2, 3]
+
+    # the resume, through do_train: record the trainer's state right after resume_or_load
+    restored = {}
+    resume_or_load = LazyAGVMTrainer.resume_or_load
+
+    def recording(self, resume=True):
+        resume_or_load(self, resume=resume)
+        restored.update(start_iter=self.start_iter, optimizer=copy.deepcopy(self.optimizer.state_dict()),
+                        modulator=copy.deepcopy(self.optimizer.modulator.state_dict()),
+                        model={k: v.clone() for k, v in self.model.state_dict().items()},
+                        torch_rng=torch.get_rng_state().clone())
+
+    monkeypatch.setattr(LazyAGVMTrainer, "resume_or_load", recording)
+    run(parted, resume=True)
+
+    # the state restored is the checkpoint's (and the uninterrupted run's at iteration 2)
+    assert restored["start_iter"] == 3
+    saved = load(checkpoint)
+    assert saved["iteration"] == 2
+    _same(restored["optimizer"], saved["trainer"]["_trainer"]["optimizer"], "optimizer")
+    _same(restored["model"], saved["model"], "model")
+    full_saved = load(full / "model_0000002.pth")
+    _same(restored["optimizer"], full_saved["trainer"]["_trainer"]["optimizer"], "optimizer vs uninterrupted")
+    _same(restored["model"], full_saved["model"], "model vs uninterrupted")
+    steps = {float(s["step"]) for s in restored["optimizer"]["state"].values()}
+    assert steps == {3.0}  # AdamW: the steps of iterations 0, 1, 2
+    assert all(s["exp_avg_sq"].abs().sum() > 0 for s in restored["optimizer"]["state"].values())
+    assert restored["modulator"]["num_updates"] == 2 and restored["modulator"]["last_update_iter"] == 2
+    rng_file = torch.load(rank_state_file(str(checkpoint), 0), weights_only=True)
+    assert torch.equal(restored["torch_rng"], rng_file["rng"]["torch"])
+
+    # metrics.json: one row per iteration, none twice; identical to the uninterrupted run's up to the checkpoint
+    rows = rows_of(parted)
+    assert [r["iteration"] for r in rows] == list(range(6))
+    agvm_keys = [f"agvm/{kind}/{m}" for kind in ("mu", "phi", "lr") for m in MODULES]
+    for r, f in zip(rows[:3], full_rows[:3]):
+        assert {k: r.get(k) for k in agvm_keys + ["lr"]} == {k: f.get(k) for k in agvm_keys + ["lr"]}, r["iteration"]
+    mu_2 = {m: rows[2][f"agvm/mu/{m}"] for m in MODULES}
+    assert mu_2 == restored["modulator"]["mu"] == {m: full_rows[2][f"agvm/mu/{m}"] for m in MODULES}
+    assert any(abs(mu_2[m] - 1.0) > 1e-3 for m in MODULES[1:])
+    # iteration 3 (no estimate): the schedule's lr continues
+    assert rows[3]["lr"] == full_rows[3]["lr"]
+    assert not any(k.startswith("agvm/mu/") for k in rows[3])
+    # iteration 4 (an estimate): μ = the update of the restored μ by the Φ measured at 4 — not of μ = 1
+    phi_4 = {m: rows[4][f"agvm/phi/{m}"] for m in MODULES}
+    continued = GradientVarianceModulator(MODULES, momentum=0.5)
+    continued.load_state_dict(restored["modulator"])
+    restarted = GradientVarianceModulator(MODULES, momentum=0.5)
+    expected, from_one = continued.update(4, phi_4), restarted.update(4, phi_4)
+    for m in MODULES:
+        assert rows[4][f"agvm/mu/{m}"] == pytest.approx(expected[m], rel=1e-12, abs=1e-12), m
+    assert any(abs(rows[4][f"agvm/mu/{m}"] - from_one[m]) > 1e-3 for m in MODULES[1:])
+
+    # the end: both runs took 6 optimizer steps and 3 μ updates
+    for out in (full, parted):
+        final = load(out / "model_final.pth")
+        assert final["iteration"] == 5
+        optimizer = final["trainer"]["_trainer"]["optimizer"]
+        assert {float(s["step"]) for s in optimizer["state"].values()} == {6.0}, out.name
+        assert optimizer["agvm"]["num_updates"] == 3 and optimizer["agvm"]["last_update_iter"] == 4, out.name

@@ -45,12 +45,7 @@ def _reference(world, adam=False):
         mean = lambda rs: {k: sum(g[k] for g in rs) / len(rs) for k in rs[0]}  # noqa: E731
         g1, g2, full = mean(per_rank[:n_a]), mean(per_rank[n_a:]), mean(per_rank)
         if opt.should_estimate(it):
-            for p in net.parameters():
-                p.grad = g1[id(p)].clone()
-            opt.stash_first_half()
-            for p in net.parameters():
-                p.grad = g2[id(p)].clone()
-            phis[it] = opt.finish_second_half(it)["phi"]
+            phis[it] = dist_worker.phi_on_halves(opt, g1, g2, it)
         for p in net.parameters():
             p.grad = full[id(p)]
         opt.step()
