@@ -79,31 +79,35 @@ class AGVMTrainer(TrainerBase):
 
     def __init__(self, cfg):
         super().__init__()
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # as DefaultTrainer
-            setup_logger()
         validate_config(cfg)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.cfg = cfg
         model = self.build_model(cfg)
-        self.optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        self.model, hook_state = self.build_ddp_model(cfg, model, self.optimizer)
-        clip = (build_clip_fn(cfg), tuple(cfg.SOLVER.CLIP_GRADIENTS.ITER_RANGE)) if cfg.SOLVER.CLIP_GRADIENTS.ENABLED else None
+        optimizer = self.build_optimizer(cfg, model)
+        self.assemble(cfg, model, optimizer, self.build_train_loader(cfg), self.build_lr_scheduler(cfg, optimizer))
+
+    def assemble(self, cfg, model, optimizer, data_loader, scheduler):
+        """Put the parts together (every constructor of this class and its subclasses ends here):
+        DDP with AGVM's comm hook (:meth:`build_ddp_model`), the step (:class:`AGVMStepTrainer`
+        with the accumulation, clipping window, AMP, SAM and non-finite settings of ``cfg``), the
+        crash-safe checkpointer (each rank's RNG beside every checkpoint, the metrics written
+        before a checkpoint is declared), and the hooks of :meth:`build_hooks`."""
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # as DefaultTrainer
+            setup_logger()
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.model, hook_state = self.build_ddp_model(cfg, model, optimizer)
+        s = cfg.SOLVER
+        clip = (build_clip_fn(cfg), tuple(s.CLIP_GRADIENTS.ITER_RANGE)) if s.CLIP_GRADIENTS.ENABLED else None
         self.stepper = AGVMStepTrainer(
-            self.model, data_loader, self.optimizer,
-            accum_steps=cfg.SOLVER.GRAD_ACCUM_STEPS, clip=clip, amp=cfg.SOLVER.AMP.ENABLED,
-            sam_rho=cfg.SOLVER.SAM.RHO if cfg.SOLVER.OPTIMIZER == "SAM" else None,
-            max_nonfinite=cfg.SOLVER.MAX_CONSECUTIVE_NONFINITE,
+            self.model, data_loader, optimizer, accum_steps=s.GRAD_ACCUM_STEPS, clip=clip, amp=s.AMP.ENABLED,
+            sam_rho=s.SAM.RHO if s.OPTIMIZER == "SAM" else None, max_nonfinite=s.MAX_CONSECUTIVE_NONFINITE,
         )
         self.stepper.hook_state = hook_state
-        self.scheduler = self.build_lr_scheduler(cfg, self.optimizer)
-        # crash-safe checkpoints (atomic, finite-only, fallback on resume), each rank's RNG
-        # beside them, the metrics written before each checkpoint is declared
         self.checkpointer = SafeCheckpointer(self.model, cfg.OUTPUT_DIR, per_rank=RankRNG(),
                                              before_save=self.flush_metrics, trainer=weakref.proxy(self))
         self.writers = []
         self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.max_iter = s.MAX_ITER
         self.register_hooks(self.build_hooks())
 
     @staticmethod

@@ -24,21 +24,16 @@ detectron2's: a resumed run continues optimizer, μ, scheduler and RNG but not t
 from __future__ import annotations
 
 import logging
-import weakref
 
 from detectron2.config import instantiate
 from detectron2.engine import TrainerBase, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
-from .build import build_clip_fn
 from .checkpoint import SafeCheckpointer
 from .checks import validate_config
 from .defaults import AGVMTrainer
 from .lazy import _OPTIMIZERS, lazy_message, settings_view
-from .resume import RankRNG
-from .train_loop import AGVMStepTrainer
 
 __all__ = ["LazyAGVMTrainer", "do_test", "do_train", "trainer_view", "validate_lazy_config", "warmup_iters"]
 
@@ -120,8 +115,6 @@ class LazyAGVMTrainer(AGVMTrainer):
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
         self.lazy = cfg
         self.cfg = view = validate_lazy_config(cfg)
         model = instantiate(cfg.model)
@@ -129,21 +122,8 @@ class LazyAGVMTrainer(AGVMTrainer):
         cfg.optimizer.params.model = model
         if "warmup_iters" in cfg.optimizer and cfg.optimizer.warmup_iters is None:
             cfg.optimizer.warmup_iters = view.SOLVER.WARMUP_ITERS
-        self.optimizer = instantiate(cfg.optimizer)
-        data_loader = instantiate(cfg.dataloader.train)
-        self.model, hook_state = self.build_ddp_model(view, model, self.optimizer)
-        clip = (build_clip_fn(view), tuple(view.SOLVER.CLIP_GRADIENTS.ITER_RANGE)) if view.SOLVER.CLIP_GRADIENTS.ENABLED else None
-        self.stepper = AGVMStepTrainer(self.model, data_loader, self.optimizer, accum_steps=view.SOLVER.GRAD_ACCUM_STEPS,
-                                       clip=clip, amp=view.SOLVER.AMP.ENABLED,
-                                       max_nonfinite=view.SOLVER.MAX_CONSECUTIVE_NONFINITE)
-        self.stepper.hook_state = hook_state
-        self.scheduler = instantiate(cfg.lr_multiplier)
-        self.checkpointer = SafeCheckpointer(self.model, view.OUTPUT_DIR, per_rank=RankRNG(),
-                                             before_save=self.flush_metrics, trainer=weakref.proxy(self))
-        self.writers = []
-        self.start_iter = 0
-        self.max_iter = cfg.train.max_iter
-        self.register_hooks(self.build_hooks())
+        optimizer = instantiate(cfg.optimizer)
+        self.assemble(view, model, optimizer, instantiate(cfg.dataloader.train), instantiate(cfg.lr_multiplier))
 
     def build_hooks(self):
         """``lazyconfig_train_net.py``'s hooks, in its order: iteration timer, the LR schedule
