@@ -262,6 +262,41 @@ def update_readme(path: str, block: str) -> bool:
     return True
 
 
+def plot2(name: str, runs: Sequence[Run2], records_root: str, path: str) -> Optional[str]:
+    """``ap_vs_batch.png`` beside ``path``: box AP against batch per method (mean ± std over the
+    recorded seeds; a diverged run counts as 0, as in the tables). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    scaling = [x for x in runs if x.group == "scaling"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method, label in METHOD_LABELS.items():
+        points = []
+        for batch in sorted({x.batch for x in scaling if x.method == method}):
+            aps = [a for a in (_ap(x, records_root) for x in scaling if x.batch == batch and x.method == method)
+                   if a is not None]
+            if aps:
+                m, sd = mean_std(aps)
+                points.append((batch, m, sd if len(aps) > 1 else 0.0))
+        if points:
+            xs, ms, sds = zip(*points)
+            ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (images per iteration), same epochs")
+    ax.set_ylabel("box AP (diverged = 0)")
+    ax.set_title(f"stage 2, {name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(os.path.dirname(path), "ap_vs_batch.png")
+    fig.savefig(out, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
 def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str) -> str:
     """results/evidence/stage2.md from the stage-2 records alone (regenerable)."""
     r = REGIMES[name]
@@ -274,6 +309,8 @@ def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str)
              f"τ = {TAU}, α = {ALPHA:g} unless stated; seeds {', '.join(map(str, seeds))}; a diverged run counts as AP 0 "
              "in the means and differences.", "",
              "## Box AP per cell (mean ± std over seeds)", "", *_cell_lines(name, runs, records_root)]
+    if plot2(name, runs, records_root, path):
+        lines += ["", "![box AP against batch](ap_vs_batch.png)"]
     missing = [x.name for x in runs if not (read_run(os.path.join(records_root, x.path)) or {}).get("returncode") is not None]
     if missing:
         lines += ["", f"Planned but not recorded ({len(missing)} of {len(runs)}): {', '.join(missing)}. See "
