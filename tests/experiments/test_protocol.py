@@ -93,3 +93,38 @@ def test_reading_of_a_paired_difference():
     assert "AGVM ahead on 1 of 3: AGVM behind, within noise" in reading(noisy)
     assert reading(paired_difference({0: 8.1}, {0: 8.0})) == "+0.10 AP on one seed (no error estimate): no conclusion"
     assert reading(paired_difference({}, {})) == "no seed with both runs"
+
+
+def test_gpu_tier_plan_and_time_estimate(monkeypatch):
+    """The GPU tier's plan (B0 32 to 1024, 200 iterations at 1024) and its time estimate: per batch,
+    the timed iterations' per-iteration time × the run's iterations + the measured start-up."""
+    import json
+    import subprocess
+    import types
+
+    from projects_util import load_script
+
+    evidence = load_script("evidence")
+    runs = [x for x in evidence.plan2("gpu_r64_25600x8", [0, 1, 2]) if x.group == "scaling"]
+    assert sorted({x.batch for x in runs}) == [32, 256, 1024]
+    assert evidence.schedule(evidence.REGIMES["gpu_r64_25600x8"], 1024)["iters"] == 200
+    assert "MODEL.DEVICE" in runs[0].opts and runs[0].opts[runs[0].opts.index("MODEL.DEVICE") + 1] == "cuda"
+    step = {32: 0.01, 256: 0.05, 1024: 0.2}  # s per iteration, faked
+
+    def fake_run(cmd, **kw):
+        out = cmd[cmd.index("OUTPUT_DIR") + 1]
+        batch = int(cmd[cmd.index("SOLVER.IMS_PER_BATCH") + 1])
+        assert cmd[-8:-6] == ["SOLVER.MAX_ITER", "4"]  # the timed run's own length wins (last)
+        with open(f"{out}/metrics.json", "w") as f:
+            f.write(json.dumps({"iteration": 3, "time": step[batch]}) + "\n")
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    clock = iter([0.0, 10.0 + 4 * 0.01, 0.0, 10.0 + 4 * 0.05, 0.0, 10.0 + 4 * 0.2])
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(evidence.time, "time", lambda: next(clock))
+    text = evidence.estimate(runs, iters=4, jobs=4)
+    # 32: 6400 iterations × 0.01 s + 10 s start-up = 74 s; 256: 800 × 0.05 + 10 = 50 s; 1024: 200 × 0.2 + 10 = 50 s
+    assert "| 32 | 0.0100 | 10 | 3 | 6400 | 1.2 |" in text
+    assert "| 1024 | 0.2000 | 10 | 9 | 200 | 0.8 |" in text
+    total = (3 * 74 + 9 * 50 + 9 * 50) / 60
+    assert f"21 runs: {total:.1f} min one at a time, ≥ {total / 4:.1f} min with 4 at a time" in text
