@@ -78,10 +78,15 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Dict[st
     return {"per_seed": diffs, "mean": mean, "std": std, "ahead": sum(d > 0 for d in diffs.values()), "seeds": len(seeds)}
 
 
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (1–10); 1.96 beyond.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
 def reading(d: Mapping[str, object]) -> str:
     """One sentence on a :func:`paired_difference` result: the mean with its standard error
-    (std / sqrt(n)), on how many seeds AGVM is ahead, and whether the mean is more than two
-    standard errors from 0 ("clear") or not ("within noise"); one seed: "one seed, no error"."""
+    (std / sqrt(n)), the 95 % t-interval (n − 1 degrees of freedom, :data:`T95`), on how many
+    seeds AGVM is ahead, and whether the interval excludes 0 ("clear") or not ("within noise");
+    one seed: "no error estimate"."""
     n = int(d["seeds"])
     if n == 0:
         return "no seed with both runs"
@@ -89,7 +94,8 @@ def reading(d: Mapping[str, object]) -> str:
     if n == 1:
         return f"{mean:+.2f} AP on one seed (no error estimate): no conclusion"
     se = float(d["std"]) / math.sqrt(n)
-    verdict = "clear" if abs(mean) > 2 * se else "within noise"
+    half = T95.get(n - 1, 1.96) * se
+    clear = abs(mean) > half
     side = "AGVM ahead" if mean > 0 else "AGVM behind"
-    return (f"{mean:+.2f} ± {se:.2f} AP (mean ± s.e., {n} seeds), AGVM ahead on {d['ahead']} of {n}: "
-            f"{side}, {verdict} (|mean| {'>' if verdict == 'clear' else '≤'} 2 s.e.)")
+    return (f"{mean:+.2f} ± {se:.2f} AP (mean ± s.e., {n} seeds; 95 % interval [{mean - half:+.2f}, {mean + half:+.2f}]), "
+            f"AGVM ahead on {d['ahead']} of {n}: " + (f"{side}, clear" if clear else "within noise at 95 %"))

@@ -316,9 +316,11 @@ def write_report2(name: str, runs: Sequence[Run2], records_root: str, path: str)
         lines += ["", f"Planned but not recorded ({len(missing)} of {len(runs)}): {', '.join(missing)}. See "
                   "[`protocol.md`](protocol.md)'s amendment for what was dropped and why; the same command runs them."]
     lines += ["", "## Reading (mechanical: `agvm.protocol.reading`)", "",
-              "Per batch: AGVM − twin as mean ± standard error over the seeds that have both runs, and whether "
-              "the mean is more than two standard errors from 0. This rule was added to the report after seed 0 "
-              "was recorded; it describes the table and decides nothing the protocol did not fix.", ""]
+              "Per batch: AGVM − twin as mean ± standard error over the seeds that have both runs, its 95 % "
+              "t-interval (n − 1 degrees of freedom), and whether that interval excludes 0. This reading was added "
+              "to the report after seed 0 was recorded, first with a looser rule (|mean| > 2 s.e., about an 82 % "
+              "interval with 3 seeds), and tightened to the t-interval after the seed-2 runs were seen; it "
+              "describes the table and decides nothing the protocol did not fix.", ""]
     for batch in sorted({x.batch for x in scaling if x.method == "agvm"}):
         by = {m: {x.seed: _ap(x, records_root) for x in scaling if x.batch == batch and x.method == m}
               for m in ("agvm", "twin", "megdet")}

@@ -88,9 +88,14 @@ def test_reading_of_a_paired_difference():
     from agvm.protocol import paired_difference, reading
 
     clear = paired_difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 9.0, 1: 9.8, 2: 11.1})  # +1.0, +1.2, +0.9
-    assert reading(clear).startswith("+1.03 ± 0.09 AP (mean ± s.e., 3 seeds), AGVM ahead on 3 of 3: AGVM ahead, clear")
+    # mean 1.0333, std 0.1528, s.e. 0.0882, t95(2) = 4.303: half-width 0.3795
+    assert reading(clear) == ("+1.03 ± 0.09 AP (mean ± s.e., 3 seeds; 95 % interval [+0.65, +1.41]), AGVM ahead on 3 of 3: "
+                              "AGVM ahead, clear")
     noisy = paired_difference({0: 10.0, 1: 11.0, 2: 12.0}, {0: 11.0, 1: 10.0, 2: 12.3})  # -1.0, +1.0, -0.3
-    assert "AGVM ahead on 1 of 3: AGVM behind, within noise" in reading(noisy)
+    assert reading(noisy).endswith("AGVM ahead on 1 of 3: within noise at 95 %")
+    # three seeds all ahead can still be within noise: +0.1, +0.3, +0.2 → ±0.25 at 95 %
+    small = paired_difference({0: 1.1, 1: 1.3, 2: 1.2}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert reading(small).endswith("AGVM ahead on 3 of 3: within noise at 95 %")
     assert reading(paired_difference({0: 8.1}, {0: 8.0})) == "+0.10 AP on one seed (no error estimate): no conclusion"
     assert reading(paired_difference({}, {})) == "no seed with both runs"
 
