@@ -10,7 +10,7 @@
 #                route below is taken with a message (unless AGVM_D2_ROUTE=source);
 #   3. sdist     the PyPI sdist pb1-detectron2==0.6, whose Python sources are the official v0.6
 #                tag's, installed as the pure-Python distribution `detectron2` 0.6 without the
-#                C++ ops (agvm.compat supplies what is missing; see README "detectron2").
+#                C++ ops (agvm.compat supplies what is missing; see docs/install.md).
 #
 # Environment:
 #   PYTHON                 interpreter to install into (default: python3)
@@ -27,7 +27,7 @@ PYTHON=${PYTHON:-python3}
 ROUTE=${AGVM_D2_ROUTE:-auto}
 PROBE_TIMEOUT=${AGVM_D2_PROBE_TIMEOUT:-5}
 D2_REPO=${AGVM_D2_REPO:-https://github.com/facebookresearch/detectron2}
-D2_PINNED=02b5c4e295e990042a714712c21dc79b731e8833  # 2026-06-06; the suite passes on it (see README)
+D2_PINNED=02b5c4e295e990042a714712c21dc79b731e8833  # 2026-06-06; the suite passes on it (see docs/install.md)
 D2_REF=${AGVM_D2_REF:-$D2_PINNED}
 SDIST_SPEC="pb1-detectron2==0.6"
 D2_RUNTIME_DEPS="Pillow matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard fvcore iopath omegaconf hydra-core"

@@ -293,7 +293,7 @@ def check_datasets_registered(cfg: CfgNode) -> None:
                     f"DATASETS.{key} names {name!r}, which is not registered; registered: "
                     f"{', '.join(listed[:12])}{', ...' if len(listed) > 12 else ''}. Register a COCO-format set with "
                     f"--dataset {name} <annotations.json> <image folder> (train_net.py), or with detectron2's "
-                    "DatasetCatalog.register before setup (README: 'Train on your own data')"
+                    "DatasetCatalog.register before setup (docs/data.md)"
                 )
 
 
