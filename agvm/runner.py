@@ -105,12 +105,10 @@ def config_fingerprint(config_file: str, opts: Sequence[str] = ()) -> str:
 def stale_reason(out_dir: str, fingerprint: str) -> Optional[str]:
     """Why a finished run in ``out_dir`` cannot be reused for a config of ``fingerprint``, or
     None when it can (its recorded fingerprint matches)."""
-    path = os.path.join(out_dir, "agvm_run.json")
-    try:
-        with open(path) as f:
-            recorded = json.load(f).get("fingerprint")
-    except (OSError, ValueError):
+    record = _read_record(out_dir)
+    if record is None:
         return "no run record"
+    recorded = record.get("fingerprint")
     if recorded is None:
         return "its record has no config fingerprint (run by an older version)"
     if recorded != fingerprint:

@@ -103,13 +103,9 @@ def cell_overrides(args, cell: dict, base) -> List[str]:
 
 def load_base(config_file: str):
     """The config the sweep starts from (detectron2 defaults + agvm keys + the file)."""
-    import agvm  # noqa: F401
-    from detectron2.config import get_cfg
+    from agvm.detectron2.config import default_config
 
-    from agvm.detectron2 import add_agvm_config
-
-    cfg = get_cfg()
-    add_agvm_config(cfg)
+    cfg = default_config()
     cfg.merge_from_file(config_file)
     return cfg
 

@@ -16,7 +16,7 @@ from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 from ..core.modulator import SettingError, check_settings
-from .config import agvm_kwargs, agvm_start_iter, check_choices, setting_error
+from .config import agvm_kwargs, agvm_start_iter, check_choices, default_config, setting_error
 
 __all__ = ["build_run_config", "check_agvm_config", "check_datasets_registered", "check_num_classes", "check_norm_device", "check_run_config", "check_split_batch",
            "ineffective_keys", "validate_config"]
@@ -91,7 +91,7 @@ def ineffective_keys(cfg: CfgNode) -> List[str]:
     about them; ``scripts/sweep.py`` rejects them (when the grid or its overrides set them)
     before launching. With MEASURE_ONLY, SOLVER.AGVM.MOMENTUM/CLAMP/EPS shape only μ, which
     stays 1, so they count as without effect too."""
-    defaults = _defaults()
+    defaults = default_config()
     s, d = cfg.SOLVER, defaults.SOLVER
     inactive = []
     if not s.AGVM.ENABLED:
@@ -123,14 +123,11 @@ def build_run_config(config_file: str, opts: Sequence[str] = (), max_iter: Optio
     import difflib
     import os
 
-    from detectron2.config import get_cfg
-
-    from .config import add_agvm_config, rescale_config
+    from .config import rescale_config
 
     if config_file and not os.path.isfile(config_file):
         raise ValueError(f"{what}--config-file {config_file}: no such file")
-    cfg = get_cfg()
-    add_agvm_config(cfg)
+    cfg = default_config()
     for add in config_adders:
         add(cfg)
     try:
@@ -179,16 +176,6 @@ def check_run_config(config_file: str, opts: Sequence[str] = (), world_size: int
         validate_config(cfg, world_size=world_size)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{what}{e.args[0] if e.args else e}") from None
-    return cfg
-
-
-def _defaults() -> CfgNode:
-    from detectron2.config import get_cfg
-
-    from .config import add_agvm_config
-
-    cfg = get_cfg()
-    add_agvm_config(cfg)
     return cfg
 
 

@@ -22,7 +22,7 @@ from ..core.modulator import GradientVarianceModulator
 from ..solver.schedules import LR_SCALING_RULES, rescale_schedule
 
 __all__ = ["KEYS", "OPTIMIZERS", "Key", "add_agvm_config", "add_solver_config", "agvm_kwargs", "agvm_start_iter",
-           "check_choices", "config_key", "help_lines", "setting_error", "value_of", "key_table", "rescale_config"]
+           "check_choices", "config_key", "default_config", "help_lines", "setting_error", "value_of", "key_table", "rescale_config"]
 
 #: Values accepted by ``SOLVER.OPTIMIZER``.
 OPTIMIZERS = ("SGD", "AdamW", "LARS", "LAMB", "SAM", "PMD_LAMB")
@@ -144,6 +144,15 @@ def add_agvm_config(cfg: CN) -> None:
     """Add every key of :data:`KEYS` (the solver keys of :func:`add_solver_config` and
     SOLVER.AGVM.*) with its default; in place, idempotent. Adds no ``MODEL.*`` key."""
     _add(cfg, KEYS)
+
+
+def default_config() -> CN:
+    """detectron2's default config with every key of :data:`KEYS` added (a new, unfrozen node)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_agvm_config(cfg)
+    return cfg
 
 
 def config_key(arg: str) -> Key:

@@ -37,7 +37,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from ..core.modulator import SettingError
 from .build import tag_param_groups, wrap_in_agvm
 from .checks import check_agvm_config
-from .config import KEYS, Key, add_agvm_config, agvm_kwargs, setting_error
+from .config import KEYS, Key, agvm_kwargs, default_config, setting_error
 from .groups import group_parameters
 
 __all__ = ["AGVM_NODE_KEYS", "LAZY_NAMES", "agvm_node", "agvm_optimizer", "build_lazy_agvm_optimizer",
@@ -108,7 +108,7 @@ def settings_view(agvm: Optional[Mapping], warmup_iters: Optional[int] = None, o
     ``start_iter`` -1, for ``warmup_iters`` None."""
     agvm = dict(agvm or {})
     _check_names(agvm, where)
-    cfg = _defaults()
+    cfg = default_config()
     cfg.SOLVER.OPTIMIZER = optimizer
     for name, value in agvm.items():
         key = AGVM_NODE_KEYS[name]
@@ -132,14 +132,6 @@ def settings_view(agvm: Optional[Mapping], warmup_iters: Optional[int] = None, o
         for part in path:
             node = node[part]
         node[leaf] = _plain(value)
-    return cfg
-
-
-def _defaults() -> CfgNode:
-    from detectron2.config import get_cfg
-
-    cfg = get_cfg()
-    add_agvm_config(cfg)
     return cfg
 
 
